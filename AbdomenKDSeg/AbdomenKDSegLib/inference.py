@@ -1,0 +1,354 @@
+"""The coarse-to-fine predictor: CT image in, 13-organ label map out (DESIGN.md §2, METHOD.md §5).
+
+1. Reorient to the canonical frame (:mod:`geometry`).
+2. Coarse: whole volume -> 96x96x96 -> Gaussian-weighted 96x64x96 windows, half overlap, each
+   window clipped to [-300, 300] HU and z-scored -> argmax -> largest component per class.
+3. Box: the coarse foreground's bounding box scaled 1.1x about its centre, on the full grid.
+4. Fine: the crop at full resolution -> 96x64x96 -> one window -> probabilities.
+5. Back: probabilities resized to the crop slab by slab and argmaxed, largest component per
+   class, pasted into a uint8 full-size map, original orientation and geometry.
+Only the student runs. Everything is computed in ``torch.inference_mode``; CUDA is used when
+available (``device="auto"``), and a CUDA out-of-memory error retries the stage on the CPU.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Optional, Sequence
+
+import fastremap
+import numpy as np
+import SimpleITK as sitk
+import torch
+
+from .bundle import ModelBundle, load_bundle
+from .errors import InputError
+from .geometry import crop_box, from_canonical, to_canonical
+from .image_io import PathLike, read_image, validate_ct, write_image_atomic
+from .organs import BY_VALUE, resolve_organs
+from .postprocess import largest_component_per_class
+from .preprocess import PAD_HU, clip_and_zscore, pad_to_min_size, resize_argmax, resize_volume
+
+#: ``progress(stage, fraction)``: stage is a short human-readable name, fraction in [0, 1].
+ProgressCallback = Callable[[str, float], None]
+
+
+class EmptyCoarseWarning(UserWarning):
+    """The coarse stage found no organ; the fine stage used a centred fallback box."""
+
+
+class UntrainedModelWarning(UserWarning):
+    """The model bundle holds untrained (random) weights."""
+
+
+class DeviceFallbackWarning(UserWarning):
+    """CUDA was asked for but is unavailable or ran out of memory; the CPU was used."""
+
+
+@dataclass
+class PredictionInfo:
+    """What a prediction did: device used, seconds per stage, crop box (canonical Z, Y, X slices)."""
+
+    device: str
+    timings: dict[str, float] = field(default_factory=dict)
+    crop_box: tuple[slice, slice, slice] | None = None
+    warnings: list[str] = field(default_factory=list)
+
+
+@dataclass
+class SegmentationResult:
+    """Outcome of :func:`segment_file`: where the label map went and what it contains."""
+
+    output_path: Path
+    device: str
+    timings: dict[str, float]
+    voxel_counts: dict[int, int]
+    voxel_volume_ml: float
+    warnings: list[str]
+
+    def volumes_ml(self) -> dict[int, float]:
+        """Volume of each organ present, in millilitres."""
+        return {v: n * self.voxel_volume_ml for v, n in self.voxel_counts.items()}
+
+
+def resolve_device(device: str | torch.device = "auto") -> torch.device:
+    """``"auto"`` -> CUDA if available else CPU; ``"cuda"`` without CUDA -> CPU with a warning."""
+    name = str(device).lower()
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        warnings.warn("CUDA was requested but is not available; running on the CPU",
+                      DeviceFallbackWarning, stacklevel=2)
+        return torch.device("cpu")
+    if name != "cpu" and not name.startswith("cuda"):
+        raise ValueError(f"unknown device {device!r}; use auto, cpu or cuda")
+    return torch.device(name)
+
+
+def gaussian_importance(window: Sequence[int], sigma_scale: float = 1.0 / 8) -> np.ndarray:
+    """nnU-Net's window weighting: a Gaussian centred on the window, sigma = size * sigma_scale.
+
+    Returns float32 (Z, Y, X) with maximum 1; zeros (if any) replaced by the smallest
+    positive weight so every voxel keeps some weight.
+    """
+    axes = []
+    for n in window:
+        centre, sigma = n // 2, n * sigma_scale
+        i = np.arange(n, dtype=np.float64)
+        axes.append(np.exp(-((i - centre) ** 2) / (2 * sigma**2)))
+    weights = axes[0][:, None, None] * axes[1][None, :, None] * axes[2][None, None, :]
+    weights = (weights / weights.max()).astype(np.float32)
+    if (weights == 0).any():
+        weights[weights == 0] = weights[weights > 0].min()
+    return weights
+
+
+def window_starts(size: int, window: int, overlap: float = 0.5) -> list[int]:
+    """Start indices of sliding windows covering ``size`` with at least ``overlap`` (nnU-Net rule).
+
+    ``size >= window`` is required (pad first). The starts are spread evenly from 0 to
+    ``size - window``; with size 96, window 64 and overlap 0.5 this gives [0, 32].
+    """
+    if size < window:
+        raise ValueError(f"axis of size {size} is smaller than the window {window}")
+    step = window * (1 - overlap)
+    n = int(math.ceil((size - window) / step)) + 1
+    if n == 1:
+        return [0]
+    span = size - window
+    return [int(round(i * span / (n - 1))) for i in range(n)]
+
+
+class Predictor:
+    """Coarse-to-fine student inference with a loaded :class:`ModelBundle`.
+
+    ``device`` is "auto", "cpu" or "cuda"; ``progress`` receives (stage, fraction) updates.
+    """
+
+    def __init__(
+        self,
+        bundle: ModelBundle | PathLike | None = None,
+        device: str | torch.device = "auto",
+        progress: Optional[ProgressCallback] = None,
+        channels_last: bool = True,
+        backend: str = "torch",
+    ) -> None:
+        self.device = resolve_device(device)
+        self.bundle = bundle if isinstance(bundle, ModelBundle) else load_bundle(bundle, device="cpu")
+        self.bundle.coarse.to(self.device)
+        self.bundle.fine.to(self.device)
+        self.progress = progress or (lambda stage, fraction: None)
+        self.channels_last = channels_last
+        pre = self.bundle.preprocessing
+        self.coarse_size = tuple(pre["coarse_size_zyx"])
+        self.fine_size = tuple(pre["fine_size_zyx"])
+        self.window = tuple(pre["window_zyx"])
+        self.overlap = float(pre["window_overlap"])
+        self.hu_window = tuple(pre["hu_window"])
+        self.padding = float(pre["crop_padding"])
+        self.fallback_mm = tuple(pre["fallback_box_mm_zyx"])
+        self._importance = torch.from_numpy(gaussian_importance(self.window))
+        self.backend = self._select_backend(backend)
+        #: stage name -> callable mapping a (1, 1, Z, Y, X) float32 batch to softmax probabilities
+        self.runners: dict[str, Callable[[torch.Tensor], torch.Tensor]] = self._make_runners()
+
+    def _select_backend(self, backend: str) -> str:
+        """"torch", or "onnx" (ONNX Runtime, CPU only) when asked for or when auto finds it installed."""
+        if backend not in ("auto", "torch", "onnx"):
+            raise ValueError(f"unknown backend {backend!r}; use auto, torch or onnx")
+        if self.device.type != "cpu" or backend == "torch":
+            return "torch"
+        from . import onnx_backend
+
+        if backend == "onnx" or onnx_backend.available():
+            return "onnx"
+        return "torch"
+
+    def _make_runners(self) -> dict[str, Callable[[torch.Tensor], torch.Tensor]]:
+        nets = {"coarse": self.bundle.coarse, "fine": self.bundle.fine}
+        if self.backend == "onnx":
+            from . import onnx_backend
+
+            return {stage: onnx_backend.make_runner(net, self.window, self.bundle.sha256, stage)
+                    for stage, net in nets.items()}
+        return {stage: self._torch_runner(net) for stage, net in nets.items()}
+
+    def _torch_runner(self, net: torch.nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
+        def run(batch: torch.Tensor) -> torch.Tensor:
+            return self._forward(net, batch)
+
+        return run
+
+    # ---------------------------------------------------------------- networks
+    def _forward(self, net: torch.nn.Module, batch: torch.Tensor) -> torch.Tensor:
+        """Softmax of ``net`` on a (1, 1, Z, Y, X) batch, float32, on the predictor's device."""
+        batch = batch.to(self.device)
+        if self.channels_last and self.device.type == "cpu":
+            batch = batch.contiguous(memory_format=torch.channels_last_3d)
+        if self.device.type == "cuda":
+            with torch.autocast("cuda", dtype=torch.float16):
+                logits = net(batch)
+        else:
+            logits = net(batch)
+        return torch.softmax(logits.float(), dim=1)
+
+    def _to_cpu_after_oom(self) -> None:
+        warnings.warn("CUDA ran out of memory; retrying on the CPU", DeviceFallbackWarning, stacklevel=3)
+        torch.cuda.empty_cache()
+        self.device = torch.device("cpu")
+        self.bundle.coarse.to(self.device)
+        self.bundle.fine.to(self.device)
+        self.runners = self._make_runners()
+
+    def sliding_window_probabilities(self, stage: str, volume: torch.Tensor) -> torch.Tensor:
+        """Probabilities (C, Z, Y, X) of ``stage``'s network on ``volume`` (Z, Y, X, HU), by windows.
+
+        The volume is padded with air to at least one window; each window is clipped to the HU
+        window and z-scored on its own; window softmaxes are blended with the Gaussian weights
+        and renormalised across channels. Retries on the CPU after a CUDA out-of-memory error.
+        """
+        try:
+            return self._sliding_window(stage, volume)
+        except torch.cuda.OutOfMemoryError:
+            if self.device.type != "cuda":
+                raise
+            self._to_cpu_after_oom()
+            return self._sliding_window(stage, volume)
+
+    @torch.inference_mode()
+    def _sliding_window(self, stage: str, volume: torch.Tensor) -> torch.Tensor:
+        padded, region = pad_to_min_size(volume, self.window, PAD_HU)
+        starts = [window_starts(n, w, self.overlap) for n, w in zip(padded.shape, self.window)]
+        positions = [(z, y, x) for z in starts[0] for y in starts[1] for x in starts[2]]
+        weight = self._importance.to(self.device)
+        total = None
+        norm = torch.zeros(padded.shape, device=self.device)
+        for i, (z, y, x) in enumerate(positions):
+            sl = (slice(z, z + self.window[0]), slice(y, y + self.window[1]), slice(x, x + self.window[2]))
+            patch = clip_and_zscore(padded[sl].to(self.device), *self.hu_window)
+            probs = self.runners[stage](patch[None, None])[0].to(self.device)
+            if total is None:
+                total = torch.zeros((probs.shape[0],) + tuple(padded.shape), device=self.device)
+            total[(slice(None),) + sl] += probs * weight
+            norm[sl] += weight
+            self.progress(stage, (i + 1) / len(positions))
+        probs = total / norm
+        probs = probs / probs.sum(dim=0, keepdim=True)
+        return probs[(slice(None),) + region]
+
+    # ---------------------------------------------------------------- stages
+    def predict_coarse(self, canonical: np.ndarray) -> tuple[torch.Tensor, np.ndarray]:
+        """Coarse stage on a canonical (Z, Y, X) HU array.
+
+        Returns the coarse probabilities (C, 96, 96, 96) and the post-processed coarse labels
+        (96, 96, 96, uint8, largest component per class).
+        """
+        small = resize_volume(canonical, self.coarse_size)
+        probs = self.sliding_window_probabilities("coarse", small)
+        labels = probs.argmax(dim=0).to(torch.uint8).cpu().numpy()
+        return probs, largest_component_per_class(labels)
+
+    def predict_fine(self, canonical: np.ndarray, box: tuple[slice, slice, slice]) -> np.ndarray:
+        """Fine stage on the ``box`` crop of a canonical array; uint8 labels of the crop's shape."""
+        crop = canonical[box]
+        small = resize_volume(crop, self.fine_size)
+        probs = self.sliding_window_probabilities("fine", small)
+        self.progress("resample", 0.0)
+        labels = resize_argmax(probs, crop.shape)
+        self.progress("resample", 1.0)
+        return largest_component_per_class(labels)
+
+    def predict_canonical(self, canonical: np.ndarray, spacing_zyx: tuple[float, float, float],
+                          fine: bool = True) -> tuple[np.ndarray, PredictionInfo]:
+        """Labels (Z, Y, X, uint8) for a canonical HU array with voxel spacing ``spacing_zyx`` (mm)."""
+        info = PredictionInfo(device=self.device.type)
+        t0 = time.perf_counter()
+        coarse_probs, coarse_labels = self.predict_coarse(canonical)
+        info.timings["coarse"] = time.perf_counter() - t0
+        out = np.zeros(canonical.shape, dtype=np.uint8)
+        t0 = time.perf_counter()
+        if fine:
+            if not coarse_labels.any():
+                msg = ("the coarse stage found no organ in this image (is it an abdominal CT?); "
+                       "the fine stage used a centred 240x160x240 mm box")
+                warnings.warn(msg, EmptyCoarseWarning, stacklevel=2)
+                info.warnings.append(msg)
+            box = crop_box(coarse_labels > 0, canonical.shape, spacing_zyx, self.padding, self.fallback_mm)
+            out[box] = self.predict_fine(canonical, box)
+            info.crop_box = box
+            info.timings["fine"] = time.perf_counter() - t0
+        else:
+            out[:] = largest_component_per_class(resize_argmax(coarse_probs, canonical.shape))
+            info.timings["upsample"] = time.perf_counter() - t0
+        info.device = self.device.type
+        return out, info
+
+    def predict(self, image: sitk.Image, fine: bool = True,
+                organs: Sequence[str | int] | None = None) -> tuple[sitk.Image, PredictionInfo]:
+        """Segment a SimpleITK CT; returns a uint8 label map with the input's exact geometry."""
+        validate_ct(image)
+        t0 = time.perf_counter()
+        self.progress("orient", 0.0)
+        canonical_image, geom = to_canonical(image)
+        canonical = sitk.GetArrayViewFromImage(canonical_image)
+        t_orient = time.perf_counter() - t0
+        labels, info = self.predict_canonical(canonical, geom.canonical_spacing_zyx, fine=fine)
+        del canonical, canonical_image
+        t0 = time.perf_counter()
+        if organs is not None:
+            keep = [o.value for o in resolve_organs(list(organs))]
+            labels = fastremap.mask_except(labels, keep)
+        result = from_canonical(labels, geom)
+        info.timings = {"orient": t_orient, **info.timings, "restore": time.perf_counter() - t0}
+        self.progress("done", 1.0)
+        return result, info
+
+
+def segment_file(
+    input_path: PathLike,
+    output_path: PathLike,
+    model: ModelBundle | PathLike | None = None,
+    device: str = "auto",
+    fine: bool = True,
+    organs: Sequence[str | int] | None = None,
+    progress: Optional[ProgressCallback] = None,
+    predictor: Predictor | None = None,
+) -> SegmentationResult:
+    """Segment one CT file or DICOM folder and write the label map atomically.
+
+    The label map is uint8 with FLARE22 values (0 background, 1..13 organs) and exactly the
+    input's size, spacing, origin and direction. Pass ``predictor`` to reuse loaded networks.
+    """
+    out = Path(output_path)
+    if out.exists() and out.is_dir():
+        raise InputError(f"output {out} is a folder; give a file name such as {out / 'labels.nii.gz'}")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        t0 = time.perf_counter()
+        image = read_image(input_path)
+        t_read = time.perf_counter() - t0
+        pred = predictor or Predictor(model, device=device, progress=progress)
+        if predictor is not None and progress is not None:
+            pred.progress = progress
+        if not pred.bundle.trained:
+            warnings.warn(f"the model {pred.bundle.path} is UNTRAINED (random weights): its segmentation "
+                          "is meaningless", UntrainedModelWarning, stacklevel=2)
+        labels, info = pred.predict(image, fine=fine, organs=organs)
+        t0 = time.perf_counter()
+        write_image_atomic(labels, out)
+        t_write = time.perf_counter() - t0
+    messages = []
+    for w in caught:
+        text = str(w.message)
+        if text not in messages:
+            messages.append(text)
+        warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+    counts_arr = np.bincount(sitk.GetArrayViewFromImage(labels).ravel(), minlength=len(BY_VALUE) + 1)
+    counts = {v: int(counts_arr[v]) for v in BY_VALUE if counts_arr[v] > 0}
+    voxel_ml = float(np.prod(labels.GetSpacing())) / 1000.0
+    timings = {"read": t_read, **info.timings, "write": t_write}
+    return SegmentationResult(out, info.device, timings, counts, voxel_ml, messages)
