@@ -1,0 +1,48 @@
+"""Shared helpers for the engine tests: data paths, tiny model bundles, small synthetic images."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import SimpleITK as sitk
+import torch
+from AbdomenKDSegLib.bundle import save_bundle
+from AbdomenKDSegLib.networks import build_network, student_config
+
+REPO = Path(__file__).resolve().parents[1]
+DATA = REPO.parent / "shared" / "data"
+SAMPLE_CT = DATA / "ct-abdomen-3mm" / "image.nii.gz"
+SAMPLE_LABELS = DATA / "ct-abdomen-3mm" / "labels-flare13.nii.gz"
+DICOM_DIR = DATA / "ct-upper-abdomen-dicom"
+FLARE_LABELS = DATA / "flare22-labels"
+
+
+def make_tiny_bundle(path: Path, seed: int = 0, base_features: int = 4, trained: bool = False) -> Path:
+    """A bundle of two narrow random students (fast on CPU) with the real architecture family."""
+    torch.manual_seed(seed)
+    cfg = student_config(base_features=base_features, max_features=8 * base_features)
+    coarse, fine = build_network(cfg), build_network(cfg)
+    return save_bundle(path, coarse, fine, cfg, cfg, {"trained": trained, "description": "tiny test bundle"})
+
+
+def synthetic_ct(size_xyz=(40, 36, 24), spacing=(2.0, 2.0, 3.0), seed: int = 0) -> sitk.Image:
+    """A small CT-like phantom: air outside, a soft-tissue ellipsoid body with a brighter blob (HU)."""
+    rng = np.random.default_rng(seed)
+    x, y, z = size_xyz
+    zz, yy, xx = np.meshgrid(np.linspace(-1, 1, z), np.linspace(-1, 1, y), np.linspace(-1, 1, x), indexing="ij")
+    body = (xx / 0.9) ** 2 + (yy / 0.8) ** 2 < 1
+    arr = np.where(body, 40.0, -1000.0) + rng.normal(0, 10, body.shape)
+    arr[((xx - 0.3) ** 2 + yy**2 + zz**2) < 0.15] = 120.0
+    image = sitk.GetImageFromArray(arr.astype(np.int16))
+    image.SetSpacing(spacing)
+    image.SetOrigin((-40.0, -30.0, 10.0))
+    return image
+
+
+def assert_same_geometry(a: sitk.Image, b: sitk.Image) -> None:
+    """Size, spacing, origin and direction equal (floats to 1e-6)."""
+    assert a.GetSize() == b.GetSize()
+    np.testing.assert_allclose(a.GetSpacing(), b.GetSpacing(), atol=1e-6)
+    np.testing.assert_allclose(a.GetOrigin(), b.GetOrigin(), atol=1e-6)
+    np.testing.assert_allclose(a.GetDirection(), b.GetDirection(), atol=1e-6)

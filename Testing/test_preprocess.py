@@ -1,0 +1,69 @@
+"""Resizing (trilinear, align_corners=True, slab-wise) and intensity windowing."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from AbdomenKDSegLib.preprocess import clip_and_zscore, pad_to_min_size, resize_argmax, resize_volume
+
+
+@pytest.mark.parametrize("out_shape", [(7, 5, 9), (20, 3, 4), (1, 6, 6), (33, 17, 12)])
+def test_slabwise_resize_equals_whole_volume_interpolate(out_shape):
+    rng = np.random.default_rng(1)
+    src = rng.normal(size=(11, 8, 10)).astype(np.float32)
+    expected = F.interpolate(torch.from_numpy(src)[None, None], size=out_shape, mode="trilinear",
+                             align_corners=True)[0, 0]
+    got = resize_volume(src, out_shape, slab=3)
+    assert got.shape == out_shape
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+
+
+def test_resize_keeps_linear_functions_exact_and_integer_input():
+    # trilinear interpolation reproduces a linear function exactly, whatever the sizes
+    z, y, x = np.meshgrid(np.arange(6), np.arange(5), np.arange(7), indexing="ij")
+    src = (3 * z - 2 * y + x + 100).astype(np.int16)
+    out = resize_volume(src, (11, 9, 13)).numpy()
+    zo, yo, xo = np.meshgrid(np.linspace(0, 5, 11), np.linspace(0, 4, 9), np.linspace(0, 6, 13), indexing="ij")
+    np.testing.assert_allclose(out, 3 * zo - 2 * yo + xo + 100, atol=1e-4)
+
+
+def test_resize_round_trip_on_shared_grid_points():
+    # sizes n and 2n-1 share every sample point of the smaller grid (align_corners=True)
+    rng = np.random.default_rng(2)
+    src = rng.normal(size=(5, 6, 4)).astype(np.float32)
+    up = resize_volume(src, (9, 11, 7))
+    back = resize_volume(up, (5, 6, 4))
+    np.testing.assert_allclose(back.numpy(), src, atol=1e-5)
+
+
+def test_resize_argmax_matches_full_interpolation():
+    rng = np.random.default_rng(3)
+    probs = torch.softmax(torch.from_numpy(rng.normal(size=(4, 6, 5, 7)).astype(np.float32)), dim=0)
+    full = F.interpolate(probs[None], size=(13, 9, 10), mode="trilinear", align_corners=True)[0]
+    labels = resize_argmax(probs, (13, 9, 10), slab=4)
+    assert labels.dtype == np.uint8 and labels.shape == (13, 9, 10)
+    # ties could differ by rounding; random data has none at this precision
+    np.testing.assert_array_equal(labels, full.argmax(0).numpy())
+
+
+def test_resize_rejects_bad_rank():
+    with pytest.raises(ValueError, match="Z, Y, X"):
+        resize_volume(np.zeros((4, 4)), (2, 2, 2))
+
+
+def test_clip_and_zscore():
+    x = torch.tensor([-1000.0, -300.0, 0.0, 300.0, 2000.0])
+    out = clip_and_zscore(x)
+    clipped = np.array([-300.0, -300.0, 0.0, 300.0, 300.0])
+    np.testing.assert_allclose(out.numpy(), (clipped - clipped.mean()) / (clipped.std() + 1e-5), rtol=1e-6)
+    assert clip_and_zscore(torch.full((3, 3), 50.0)).abs().max() == 0  # constant window: no division by 0
+
+
+def test_pad_to_min_size_pads_with_air_and_recovers_region():
+    vol = torch.arange(2 * 3 * 4, dtype=torch.float32).reshape(2, 3, 4)
+    padded, region = pad_to_min_size(vol, (5, 3, 6))
+    assert padded.shape == (5, 3, 6)
+    torch.testing.assert_close(padded[region], vol)
+    assert padded[0].eq(-1024).all() and padded[:, :, 0].eq(-1024).all()
