@@ -5,7 +5,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import SimpleITK as sitk
+
 from AbdomenKDSegLib.geometry import centered_box, crop_box, from_canonical, orientation_code, to_canonical
+
 from engine_helpers import assert_same_geometry, synthetic_ct
 
 

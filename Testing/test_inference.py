@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 import torch
+
 from AbdomenKDSegLib.geometry import centered_box
 from AbdomenKDSegLib.image_io import read_image
 from AbdomenKDSegLib.inference import (
@@ -15,6 +16,7 @@ from AbdomenKDSegLib.inference import (
     resolve_device,
     window_starts,
 )
+
 from engine_helpers import DICOM_DIR, SAMPLE_CT, assert_same_geometry, make_tiny_bundle, synthetic_ct
 
 

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import numpy as np
 import SimpleITK as sitk
+
 from AbdomenKDSegLib.postprocess import largest_component_per_class
+
 from engine_helpers import FLARE_LABELS
 
 

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+
 from AbdomenKDSegLib.preprocess import clip_and_zscore, pad_to_min_size, resize_argmax, resize_volume
 
 

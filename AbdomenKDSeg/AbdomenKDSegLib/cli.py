@@ -41,25 +41,29 @@ def find_cases(folder: Path) -> list[Path]:
 
 
 class StageProgress:
-    """Turns (stage, fraction) callbacks into one tqdm bar per case."""
+    """Turns (stage, fraction) callbacks into one tqdm bar per case, shown from the first update on
+    (so an input rejected while reading leaves only its error message)."""
 
     def __init__(self, desc: str, disable: bool) -> None:
-        from tqdm import tqdm
-
-        self.bar = tqdm(total=100, desc=desc, unit="%", disable=disable, leave=False,
-                        bar_format="{desc}: {percentage:3.0f}%|{bar}| {postfix} [{elapsed}]")
+        self.desc, self.disable, self.bar = desc, disable, None
 
     def __call__(self, stage: str, fraction: float) -> None:
+        if self.bar is None:
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=100, desc=self.desc, unit="%", disable=self.disable, leave=False,
+                            bar_format="{desc}: {percentage:3.0f}%|{bar}| {postfix} [{elapsed}]")
         lo, hi = STAGE_SPAN.get(stage, (0.0, 1.0))
         target = 100.0 * (lo + (hi - lo) * min(max(fraction, 0.0), 1.0))
         self.bar.set_postfix_str(stage, refresh=False)
         self.bar.update(max(0.0, target - self.bar.n))
 
     def close(self) -> None:
-        self.bar.close()
+        if self.bar is not None:
+            self.bar.close()
 
 
-def print_summary(result, stream=sys.stdout) -> None:  # noqa: ANN001
+def print_summary(result, stream=None) -> None:  # noqa: ANN001
     """Organ table (voxels, mL) and seconds per stage of a :class:`SegmentationResult`."""
     from .organs import ORGANS
 
@@ -70,7 +74,7 @@ def print_summary(result, stream=sys.stdout) -> None:  # noqa: ANN001
         lines.append(f"{organ.value:>5}  {organ.name:<22}{n:>12d}{volumes.get(organ.value, 0.0):>12.1f}")
     timing = "  ".join(f"{k} {v:.2f}s" for k, v in result.timings.items())
     lines.append(f"device {result.device}; seconds: {timing}; total {sum(result.timings.values()):.2f}s")
-    print("\n".join(lines), file=stream)
+    print("\n".join(lines), file=stream or sys.stdout)
 
 
 def cmd_segment(args: argparse.Namespace) -> int:
