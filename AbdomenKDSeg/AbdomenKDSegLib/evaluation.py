@@ -1,0 +1,360 @@
+"""Evaluate predicted label maps against reference label maps: FLARE22 DSC and NSD per case and organ.
+
+Inputs are either two label files or two folders. Folders are matched by case id: the file name without
+its extension (``.nii.gz``, ``.nii``, ``.nrrd``, ``.mha``, ``.mhd``) and without a trailing nnU-Net
+channel suffix ``_0000``, so ``case_0000.nii.gz`` and ``case.nii.gz`` are the same case. The reference
+folder defines the cases. A reference case without prediction is an error naming the missing cases,
+unless ``missing_as_zero`` is set, in which case it scores 0 (DSC and NSD) for every organ, the
+challenge convention for a failed case. Predictions without reference are ignored with a warning.
+A prediction whose size, spacing, origin or direction differs from its reference is an error naming
+the case. Scores follow :mod:`AbdomenKDSegLib.metrics` (spacing from the reference header).
+
+Summary: per organ, mean and population standard deviation (ddof=0) over cases, ignoring NaN (only the
+single-slice tubular case of the official rules gives NaN) with ``n`` the number of cases counted; the
+last row is the mean over organs (the FLARE22 headline figure): mean and std over cases of each case's
+mean over its organs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import math
+import sys
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional, Sequence
+
+import numpy as np
+import SimpleITK as sitk
+from tqdm import tqdm
+
+from .errors import InputError
+from .metrics import score_label_maps
+from .organs import ORGANS, Organ
+
+LABEL_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".mha", ".mhd")
+NNUNET_CHANNEL_SUFFIX = "_0000"
+#: Geometry tolerances: spacing and origin in mm, direction cosines unitless.
+SPACING_TOL_MM = 1e-3
+ORIGIN_TOL_MM = 1e-3
+DIRECTION_TOL = 1e-4
+
+
+@dataclass(frozen=True)
+class CaseScore:
+    """DSC and NSD of one organ in one case (floats in 0..1; NaN only in the single-slice tubular case)."""
+
+    case: str
+    organ: Organ
+    dsc: float
+    nsd: float
+
+
+@dataclass(frozen=True)
+class OrganSummary:
+    """Mean and population std over cases of one organ (``organ`` None: the mean over organs)."""
+
+    organ: Optional[Organ]
+    n: int
+    dsc_mean: float
+    dsc_std: float
+    nsd_mean: float
+    nsd_std: float
+
+
+@dataclass(frozen=True)
+class CasePair:
+    """One case to evaluate; ``pred`` is None for a missing prediction."""
+
+    case: str
+    pred: Optional[Path]
+    ref: Path
+
+
+@dataclass(frozen=True)
+class EvaluationResult:
+    """Per case and organ scores (cases sorted, organs in label order), the summary, and missing cases."""
+
+    scores: list[CaseScore]
+    summary: list[OrganSummary]
+    missing: list[str]
+
+
+# ----------------------------------------------------------------------------------------------------
+# Cases and files
+
+
+def case_id(path: Path) -> str:
+    """Case id of a label file: name without extension and without a trailing ``_0000``."""
+    name = Path(path).name
+    for suffix in LABEL_SUFFIXES:
+        if name.lower().endswith(suffix):
+            name = name[: -len(suffix)]
+            break
+    if name.endswith(NNUNET_CHANNEL_SUFFIX) and len(name) > len(NNUNET_CHANNEL_SUFFIX):
+        name = name[: -len(NNUNET_CHANNEL_SUFFIX)]
+    return name
+
+
+def _is_label_file(path: Path) -> bool:
+    return path.is_file() and not path.name.startswith(".") and path.name.lower().endswith(LABEL_SUFFIXES)
+
+
+def list_cases(folder: Path) -> dict[str, Path]:
+    """Label files of a folder by case id; raises InputError if two files map to one case."""
+    cases: dict[str, Path] = {}
+    for path in sorted(Path(folder).iterdir()):
+        if not _is_label_file(path):
+            continue
+        cid = case_id(path)
+        if cid in cases:
+            raise InputError(f"{folder}: files {cases[cid].name} and {path.name} are both case {cid!r}")
+        cases[cid] = path
+    return cases
+
+
+def pair_cases(pred: Path, ref: Path, missing_as_zero: bool = False) -> list[CasePair]:
+    """Cases to evaluate for a file pair or two folders (see module docstring for the matching rules)."""
+    pred, ref = Path(pred), Path(ref)
+    for path, what in ((pred, "prediction"), (ref, "reference")):
+        if not path.exists():
+            raise InputError(f"{what} path does not exist: {path}")
+    if pred.is_file() and ref.is_file():
+        return [CasePair(case_id(ref), pred, ref)]
+    if not (pred.is_dir() and ref.is_dir()):
+        raise InputError(f"give two label files or two folders, got prediction {pred} and reference {ref}")
+    preds, refs = list_cases(pred), list_cases(ref)
+    if not refs:
+        raise InputError(f"no label files ({', '.join(LABEL_SUFFIXES)}) in reference folder {ref}")
+    missing = sorted(set(refs) - set(preds))
+    if missing and not missing_as_zero:
+        shown = ", ".join(missing[:10]) + (f" and {len(missing) - 10} more" if len(missing) > 10 else "")
+        raise InputError(f"{len(missing)} reference case(s) have no prediction in {pred}: {shown} "
+                         "(use --missing-as-zero to score them 0)")
+    extra = sorted(set(preds) - set(refs))
+    if extra:
+        print(f"warning: ignoring {len(extra)} prediction(s) without reference: {', '.join(extra[:10])}",
+              file=sys.stderr)
+    return [CasePair(cid, preds.get(cid), refs[cid]) for cid in sorted(refs)]
+
+
+def read_label_map(path: Path) -> sitk.Image:
+    """Read a 3D scalar label map; raises InputError naming the file if it is unreadable or not one."""
+    try:
+        image = sitk.ReadImage(str(path))
+    except RuntimeError as exc:
+        raise InputError(f"cannot read label map {path}: {str(exc).strip().splitlines()[-1]}") from exc
+    if image.GetDimension() != 3 or image.GetNumberOfComponentsPerPixel() != 1:
+        raise InputError(f"{path}: expected a 3D scalar label map, got {image.GetDimension()}D with "
+                         f"{image.GetNumberOfComponentsPerPixel()} component(s) per voxel")
+    return image
+
+
+def _label_array(image: sitk.Image, path: Path) -> np.ndarray:
+    """(Z, Y, X) integer array of a label image (a view while ``image`` lives; floats must be whole)."""
+    array = sitk.GetArrayViewFromImage(image)
+    if not np.issubdtype(array.dtype, np.integer):
+        rounded = np.rint(array)
+        if not np.array_equal(rounded, array):
+            raise InputError(f"{path}: label map has non-integer values")
+        array = rounded.astype(np.int32)
+    return array
+
+
+def _rounded(values: Sequence[float]) -> tuple[float, ...]:
+    return tuple(round(float(x), 6) for x in values)
+
+
+def check_geometry(ref: sitk.Image, pred: sitk.Image, case: str) -> None:
+    """Raise InputError naming ``case`` if the prediction's grid differs from the reference's."""
+    problems = []
+    if ref.GetSize() != pred.GetSize():
+        problems.append(f"size {pred.GetSize()} vs reference {ref.GetSize()}")
+    checks = (("spacing", ref.GetSpacing(), pred.GetSpacing(), SPACING_TOL_MM),
+              ("origin", ref.GetOrigin(), pred.GetOrigin(), ORIGIN_TOL_MM),
+              ("direction", ref.GetDirection(), pred.GetDirection(), DIRECTION_TOL))
+    for name, a, b, tol in checks:
+        if not np.allclose(a, b, rtol=0, atol=tol):
+            problems.append(f"{name} {_rounded(b)} vs reference {_rounded(a)}")
+    if problems:
+        details = "; ".join(problems)
+        raise InputError(f"case {case}: prediction geometry differs from the reference: {details}")
+
+
+# ----------------------------------------------------------------------------------------------------
+# Scoring
+
+
+def evaluate_case(pair: CasePair, organs: Sequence[Organ] = ORGANS) -> list[CaseScore]:
+    """FLARE22 DSC and NSD of each organ for one case (all 0 for a missing prediction)."""
+    if pair.pred is None:
+        return [CaseScore(pair.case, organ, 0.0, 0.0) for organ in organs]
+    ref = read_label_map(pair.ref)
+    pred = read_label_map(pair.pred)
+    check_geometry(ref, pred, pair.case)
+    spacing_zyx = ref.GetSpacing()[::-1]
+    scores = score_label_maps(_label_array(ref, pair.ref), _label_array(pred, pair.pred), spacing_zyx, organs)
+    return [CaseScore(pair.case, s.organ, s.dsc, s.nsd) for s in scores]
+
+
+def _init_worker() -> None:
+    sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(1)
+
+
+def _score_all(pairs: list[CasePair], organs: Sequence[Organ], workers: int,
+               progress: bool) -> list[CaseScore]:
+    bar = tqdm(total=len(pairs), desc="evaluate", unit="case", disable=not progress, file=sys.stderr)
+    results: list[list[CaseScore]] = []
+    try:
+        if workers <= 1:
+            for pair in pairs:
+                results.append(evaluate_case(pair, organs))
+                bar.update()
+        else:
+            with ProcessPoolExecutor(max_workers=workers, initializer=_init_worker) as pool:
+                for scores in pool.map(evaluate_case, pairs, [organs] * len(pairs)):
+                    results.append(scores)
+                    bar.update()
+    finally:
+        bar.close()
+    return [score for case_scores in results for score in case_scores]
+
+
+def _mean_std(values: list[float]) -> tuple[int, float, float]:
+    finite = np.array([v for v in values if not math.isnan(v)], dtype=float)
+    if finite.size == 0:
+        return 0, math.nan, math.nan
+    return int(finite.size), float(finite.mean()), float(finite.std())
+
+
+def summarize(scores: Sequence[CaseScore], organs: Sequence[Organ] = ORGANS) -> list[OrganSummary]:
+    """Per-organ mean and std over cases (NaN ignored), then a row (organ None) over organs.
+
+    That last row gives the mean and std over cases of each case's mean over organs; without NaN its
+    mean equals the mean of the per-organ means.
+    """
+    rows = []
+    for organ in organs:
+        mine = [s for s in scores if s.organ.value == organ.value]
+        n, dsc_mean, dsc_std = _mean_std([s.dsc for s in mine])
+        _, nsd_mean, nsd_std = _mean_std([s.nsd for s in mine])
+        rows.append(OrganSummary(organ, n, dsc_mean, dsc_std, nsd_mean, nsd_std))
+    case_dsc, case_nsd = _case_means(scores)
+    n, dsc_all, dsc_all_std = _mean_std(case_dsc)
+    _, nsd_all, nsd_all_std = _mean_std(case_nsd)
+    rows.append(OrganSummary(None, n, dsc_all, dsc_all_std, nsd_all, nsd_all_std))
+    return rows
+
+
+def _case_means(scores: Sequence[CaseScore]) -> tuple[list[float], list[float]]:
+    """Per case, the mean over organs of DSC and of NSD (NaN ignored)."""
+    by_case: dict[str, list[CaseScore]] = {}
+    for s in scores:
+        by_case.setdefault(s.case, []).append(s)
+    dsc = [_mean_std([s.dsc for s in rows])[1] for rows in by_case.values()]
+    nsd = [_mean_std([s.nsd for s in rows])[1] for rows in by_case.values()]
+    return dsc, nsd
+
+
+def evaluate(pred: Path, ref: Path, organs: Sequence[Organ] = ORGANS, workers: int = 1,
+             missing_as_zero: bool = False, progress: bool = True) -> EvaluationResult:
+    """Evaluate a prediction file/folder against a reference file/folder; see the module docstring."""
+    pairs = pair_cases(pred, ref, missing_as_zero)
+    scores = _score_all(pairs, list(organs), max(1, int(workers)), progress)
+    missing = [p.case for p in pairs if p.pred is None]
+    return EvaluationResult(scores, summarize(scores, organs), missing)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Output
+
+
+def _fmt(x: float) -> str:
+    return "nan" if math.isnan(x) else f"{x:.6f}"
+
+
+def format_summary(summary: Sequence[OrganSummary]) -> str:
+    """Plain-text table: organ, n, DSC mean ± std, NSD mean ± std (the last row: mean over organs)."""
+    lines = [f"{'Organ':<22}{'n':>5}  {'DSC mean ± std':<18}  {'NSD mean ± std':<18}"]
+    for row in summary:
+        name = row.organ.name if row.organ is not None else "Mean over organs"
+        dsc = f"{row.dsc_mean:.4f} ± {row.dsc_std:.4f}"
+        nsd = f"{row.nsd_mean:.4f} ± {row.nsd_std:.4f}"
+        lines.append(f"{name:<22}{row.n:>5}  {dsc:<18}  {nsd:<18}")
+    return "\n".join(lines)
+
+
+def write_scores_csv(scores: Sequence[CaseScore], path: Path) -> None:
+    """CSV with columns case, organ (key), value (label), dsc, nsd; one row per case and organ."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["case", "organ", "value", "dsc", "nsd"])
+        for s in scores:
+            writer.writerow([s.case, s.organ.key, s.organ.value, _fmt(s.dsc), _fmt(s.nsd)])
+
+
+def summary_csv_path(scores_csv: Path) -> Path:
+    """``results.csv`` -> ``results_summary.csv`` (same folder)."""
+    scores_csv = Path(scores_csv)
+    return scores_csv.with_name(scores_csv.stem + "_summary" + (scores_csv.suffix or ".csv"))
+
+
+def write_summary_csv(summary: Sequence[OrganSummary], path: Path) -> None:
+    """CSV with columns organ, value, n, dsc_mean, dsc_std, nsd_mean, nsd_std; last row organ 'mean'."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["organ", "value", "n", "dsc_mean", "dsc_std", "nsd_mean", "nsd_std"])
+        for r in summary:
+            key, value = (r.organ.key, r.organ.value) if r.organ is not None else ("mean", "")
+            writer.writerow([key, value, r.n, _fmt(r.dsc_mean), _fmt(r.dsc_std), _fmt(r.nsd_mean),
+                             _fmt(r.nsd_std)])
+
+
+# ----------------------------------------------------------------------------------------------------
+# Command line
+
+
+def run_evaluate(args: argparse.Namespace) -> int:
+    """``evaluate`` subcommand: print the summary table, write CSVs with ``--out``; returns 0.
+
+    Bad input raises :class:`InputError` (``cli.main`` prints it and exits 1).
+    """
+    result = evaluate(Path(args.pred), Path(args.ref), workers=args.workers,
+                      missing_as_zero=args.missing_as_zero, progress=not args.quiet)
+    print(format_summary(result.summary))
+    if result.missing:
+        print(f"{len(result.missing)} case(s) without prediction scored 0: {', '.join(result.missing)}")
+    if args.out:
+        write_scores_csv(result.scores, Path(args.out))
+        write_summary_csv(result.summary, summary_csv_path(Path(args.out)))
+        print(f"wrote {args.out} and {summary_csv_path(Path(args.out))}")
+    return 0
+
+
+def register_cli(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    """Add ``evaluate PRED REF [--out CSV] [--workers N] [--missing-as-zero] [-q]``; returns its parser."""
+    parser = subparsers.add_parser(
+        "evaluate",
+        help="FLARE22 DSC and NSD of predicted label maps against reference label maps",
+        description="Score a predicted label map (or a folder of them) against the reference label map "
+                    "(or folder) with the FLARE22 protocol: per-organ Dice and normalized surface Dice. "
+                    "Folders are matched by file name; <case>_0000 matches <case>.",
+    )
+    parser.add_argument("pred", metavar="PRED", help="predicted label map file or folder")
+    parser.add_argument("ref", metavar="REF", help="reference label map file or folder")
+    parser.add_argument("--out", metavar="CSV",
+                        help="write per-case scores here (columns case, organ, value, dsc, nsd) "
+                             "and the summary to <CSV stem>_summary.csv")
+    parser.add_argument("--workers", type=int, default=1, metavar="N",
+                        help="cases scored in parallel processes (default 1)")
+    parser.add_argument("--missing-as-zero", action="store_true",
+                        help="score reference cases without prediction 0 instead of failing")
+    parser.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    parser.set_defaults(func=run_evaluate)
+    return parser
