@@ -92,19 +92,91 @@ def resize_volume(
 
 
 def resize_argmax(
-    probabilities: ArrayLike, out_shape: tuple[int, int, int], slab: int = 8
+    probabilities: ArrayLike, out_shape: tuple[int, int, int], slab: int = 16, chunk: int = 1 << 19
 ) -> np.ndarray:
-    """Resize class probabilities (C, Z, Y, X) trilinearly to ``out_shape`` and take the argmax.
+    """Argmax of the trilinear (align_corners=True) resize of probabilities (C, Z, Y, X) to ``out_shape``.
 
-    Computed slab by slab, so the full-size C-channel float map never exists. Returns uint8
-    labels (Zo, Yo, Xo) on the CPU.
+    Exact shortcut: an output voxel lies in a cell of 2x2x2 source voxels, and its interpolated
+    probability vector is a convex combination of theirs; if all of them share the same argmax,
+    so does the combination. Only voxels in cells whose corners disagree (near organ borders) are
+    interpolated, in chunks of ``chunk`` voxels, so the full-size C-channel map never exists and
+    the cost scales with the border area. Returns uint8 labels (Zo, Yo, Xo) on the CPU.
     """
     if probabilities.ndim != 4:
         raise ValueError(f"expected (C, Z, Y, X) probabilities, got shape {tuple(probabilities.shape)}")
+    probs = probabilities if isinstance(probabilities, torch.Tensor) else torch.from_numpy(probabilities)
+    probs = probs.detach().to("cpu", torch.float32).contiguous()
+    n_classes, zs, ys, xs = probs.shape
+    labels = probs.argmax(dim=0).to(torch.uint8)
+    uniform = _uniform_cells(labels)
+    axes = [_source_positions(n_in, int(n_out)) for n_in, n_out in zip((zs, ys, xs), out_shape)]
+    (lz, hz, wz), (ly, hy, wy), (lx, hx, wx) = [
+        (torch.from_numpy(lo), torch.from_numpy(hi), torch.from_numpy(w)) for lo, hi, w in axes
+    ]
+    flat = probs.view(n_classes, -1).numpy()
+    lz, ly, lx, hz, hy, hx = (t.numpy() for t in (lz, ly, lx, hz, hy, hx))
+    # flat source index of each output voxel's lower corner, split per axis, and the step to the
+    # upper corner along each axis (0 where the upper corner is clipped to the edge)
+    base = (lz * (ys * xs), ly * xs, lx)
+    step = ((hz - lz) * (ys * xs), (hy - ly) * xs, hx - lx)
+    weight = (wz.numpy(), wy.numpy(), wx.numpy())
+    labels_np, uniform_np = labels.numpy(), uniform.numpy()
     out = np.empty(tuple(int(s) for s in out_shape), dtype=np.uint8)
-    for z0, z1, block in iter_resized_slabs(probabilities, out_shape, slab):
-        out[z0:z1] = block.argmax(dim=0).to(torch.uint8).cpu().numpy()
+    for z0 in range(0, out.shape[0], slab):
+        z = slice(z0, min(out.shape[0], z0 + slab))
+        grid = np.ix_(lz[z], ly, lx)
+        block = labels_np[grid]
+        voxels = np.nonzero(~uniform_np[grid])
+        for c0 in range(0, voxels[0].size, chunk):
+            iz, iy, ix = (v[c0:c0 + chunk] for v in voxels)
+            block[iz, iy, ix] = _interpolated_argmax(flat, (iz + z0, iy, ix), base, step, weight)
+        out[z] = block
     return out
+
+
+def _interpolated_argmax(
+    flat: np.ndarray,
+    voxels: tuple[np.ndarray, np.ndarray, np.ndarray],
+    base: tuple[np.ndarray, ...],
+    step: tuple[np.ndarray, ...],
+    weight: tuple[np.ndarray, ...],
+) -> np.ndarray:
+    """Argmax (uint8) of the trilinear blend of the 8 corner probability vectors of output voxels.
+
+    ``flat`` is (C, Z*Y*X) float32; ``voxels`` are output coordinates; ``base``/``step``/``weight``
+    are per-axis lookups of the lower corner's flat offset, the offset to the upper corner and the
+    upper corner's weight.
+    """
+    idx = base[0].take(voxels[0]) + base[1].take(voxels[1]) + base[2].take(voxels[2])
+    steps = [s.take(v) for s, v in zip(step, voxels)]
+    upper = [w.take(v) for w, v in zip(weight, voxels)]
+    acc = np.zeros((flat.shape[0], idx.size), dtype=np.float32)
+    for dz in (0, 1):
+        wz = upper[0] if dz else 1 - upper[0]
+        iz = idx + steps[0] if dz else idx
+        for dy in (0, 1):
+            wzy = wz * (upper[1] if dy else 1 - upper[1])
+            izy = iz + steps[1] if dy else iz
+            for dx in (0, 1):
+                w = wzy * (upper[2] if dx else 1 - upper[2])
+                acc += flat.take(izy + steps[2] if dx else izy, axis=1) * w
+    return acc.argmax(axis=0).astype(np.uint8)
+
+
+def _uniform_cells(labels: torch.Tensor) -> torch.Tensor:
+    """(Z, Y, X) bool: True where the 2x2x2 cell starting at the voxel (clipped at the far edges)
+    holds a single label."""
+    padded = torch.cat([labels, labels[-1:]], 0)
+    padded = torch.cat([padded, padded[:, -1:]], 1)
+    padded = torch.cat([padded, padded[:, :, -1:]], 2)
+    z, y, x = labels.shape
+    lo = hi = labels
+    for dz in (0, 1):
+        for dy in (0, 1):
+            for dx in (0, 1):
+                corner = padded[dz:dz + z, dy:dy + y, dx:dx + x]
+                lo, hi = torch.minimum(lo, corner), torch.maximum(hi, corner)
+    return lo == hi
 
 
 def pad_to_min_size(volume: torch.Tensor, min_shape: tuple[int, int, int], value: float = PAD_HU) -> tuple[
