@@ -181,7 +181,7 @@ def _optional_registrations() -> list[Callable[[argparse._SubParsersAction], Non
     import importlib
 
     found = []
-    for name in ("evaluation", "training.cli"):
+    for name in ("evaluation", "training.cli", "render3d"):
         try:
             module = importlib.import_module(f"{__package__}.{name}")
         except ModuleNotFoundError as exc:  # a partial install without that part

@@ -1,0 +1,704 @@
+"""AbdomenKDSegLogic: segment a CT volume node into a 13-organ segmentation node (MRML only).
+
+This is the one engine module that imports ``slicer``, and it uses only MRML classes (no Qt, CTK
+or ``slicer.app``), so it runs both inside Slicer and with the ``slicer-core`` package from PyPI.
+It never imports torch: the network runs in a worker process (``python -m
+AbdomenKDSegLib.worker``, see :mod:`AbdomenKDSegLib.worker`) that exchanges files with it:
+
+1. the input volume node is written to a temporary ``.nrrd`` with a volume storage node;
+2. the worker segments it and writes a uint8 label map ``.nrrd`` (same geometry), reporting
+   progress as JSON lines on its stdout;
+3. the label map is read back with a storage node and turned into one segment per organ (name,
+   color and SNOMED CT terminology from :mod:`AbdomenKDSegLib.organs`), sharing one labelmap
+   layer, with the input volume as reference geometry; the temporary files are deleted.
+
+Scripting waits for the worker (``waitForCompletion=True``); the GUI starts it with
+``waitForCompletion=False`` and calls :meth:`AbdomenKDSegLogic.poll` from a timer.
+:meth:`AbdomenKDSegLogic.cancel` kills the worker. The input node is never modified; the output
+node's segments are replaced only when a run succeeds, and a node the logic created for a run
+that failed or was cancelled is removed again.
+"""
+
+from __future__ import annotations
+
+import atexit
+import json
+import logging
+import os
+import queue
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import weakref
+from collections import deque
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Optional, Sequence
+
+import slicer
+import vtk
+
+from .errors import AbdomenKDSegError, BundleError, InputError
+from .organs import BY_VALUE, Organ, resolve_organs
+
+#: ``progress(stage_text, fraction)``: human-readable stage and overall fraction in [0, 1].
+ProgressCallback = Callable[[str, float], None]
+
+MODULE_NAME = "AbdomenKDSeg"
+DEVICES = ("auto", "cpu", "cuda")
+BINARY_LABELMAP = "Binary labelmap"
+CLOSED_SURFACE = "Closed surface"
+#: Seconds allowed for a killed worker to disappear.
+CANCEL_TIMEOUT_S = 2.0
+
+#: Engine stage -> (text shown to the user, overall fraction at its start, at its end).
+STAGES: dict[str, tuple[str, float, float]] = {
+    "export": ("Saving input volume", 0.0, 0.02),
+    "started": ("Starting worker", 0.02, 0.05),
+    "waiting": ("Waiting", 0.05, 0.05),
+    "orient": ("Reorienting", 0.05, 0.06),
+    "coarse": ("Coarse segmentation", 0.06, 0.55),
+    "fine": ("Fine segmentation", 0.55, 0.86),
+    "upsample": ("Resampling to full resolution", 0.55, 0.90),
+    "resample": ("Resampling to full resolution", 0.86, 0.92),
+    "done": ("Writing label map", 0.92, 0.94),
+    "import": ("Importing segments", 0.94, 1.0),
+}
+
+
+class WorkerError(AbdomenKDSegError):
+    """The worker process failed or stopped unexpectedly (crash, killed, broken installation)."""
+
+
+class SegmentationCancelled(AbdomenKDSegError):
+    """A blocking :meth:`AbdomenKDSegLogic.segment` call was cancelled."""
+
+
+def default_python_executable() -> str:
+    """Python that runs the worker: ``PythonSlicer`` inside Slicer, else this interpreter."""
+    if hasattr(slicer, "app"):
+        found = shutil.which("PythonSlicer")
+        if found:
+            return found
+    return sys.executable
+
+
+def library_parent() -> Path:
+    """Folder that contains the ``AbdomenKDSegLib`` package (put on the worker's PYTHONPATH)."""
+    return Path(__file__).resolve().parent.parent
+
+
+def register_segmentation_converters() -> None:
+    """Register labelmap <-> closed-surface converter rules if none are registered yet.
+
+    Slicer does this at start-up; with ``slicer-core`` alone it must be done before segmentation
+    nodes are created or converted.
+    """
+    factory = slicer.vtkSegmentationConverterFactory.GetInstance()
+    if len(factory.GetConverterRules()) == 0:
+        factory.RegisterConverterRule(slicer.vtkBinaryLabelmapToClosedSurfaceConversionRule())
+        factory.RegisterConverterRule(slicer.vtkClosedSurfaceToBinaryLabelmapConversionRule())
+
+
+def stage_progress(stage: str, fraction: float) -> tuple[str, float | None]:
+    """(text for the user, overall fraction) of an engine stage; None for an unknown stage."""
+    text, start, end = STAGES.get(stage, (stage.replace("_", " ").capitalize(), -1.0, -1.0))
+    if start < 0:
+        return text, None
+    return text, start + (end - start) * min(max(float(fraction), 0.0), 1.0)
+
+
+def segment_tag(segment: Any, name: str) -> str | None:
+    """Value of a vtkSegment tag, or None when the segment has no such tag."""
+    value = vtk.reference("")
+    return str(value) if segment.GetTag(name, value) else None
+
+
+def terminology_tag_name() -> str:
+    """The vtkSegment tag holding the terminology entry ("TerminologyEntry")."""
+    return slicer.vtkSegment.GetTerminologyEntryTagName()
+
+
+@dataclass
+class RunInfo:
+    """What the last successful run did: device used, seconds per stage, organ voxel counts."""
+
+    device: str = ""
+    timings: dict[str, float] = field(default_factory=dict)
+    voxel_counts: dict[int, int] = field(default_factory=dict)
+    warnings: list[str] = field(default_factory=list)
+    total_seconds: float = 0.0
+
+    def summary(self) -> str:
+        """One line such as ``"8.1 s on cpu (coarse 4.2 s, fine 2.9 s, ...)"``."""
+        parts = ", ".join(f"{k} {v:.1f} s" for k, v in self.timings.items() if v >= 0.05)
+        return f"{self.total_seconds:.1f} s on {self.device}" + (f" ({parts})" if parts else "")
+
+
+# ----------------------------------------------------------------------------- worker process
+_RUNNING_JOBS: weakref.WeakSet[WorkerJob] = weakref.WeakSet()
+
+
+class WorkerJob:
+    """One worker process: its command, output readers and temporary folder.
+
+    stdout lines are parsed as protocol events; stderr lines become ``log`` events and the last
+    ones are kept for error messages. Both are read by daemon threads so the pipes never fill.
+    """
+
+    def __init__(self, command: list[str], env: dict[str, str], temp_dir: Path) -> None:
+        self.command = command
+        self.temp_dir = temp_dir
+        self.events: queue.Queue[dict[str, Any]] = queue.Queue()
+        self.stderr_tail: deque[str] = deque(maxlen=40)
+        kwargs: dict[str, Any] = {}
+        if os.name == "nt":
+            kwargs["creationflags"] = subprocess.CREATE_NEW_PROCESS_GROUP | 0x08000000  # CREATE_NO_WINDOW
+        else:
+            kwargs["start_new_session"] = True  # own process group: kill reaches its children too
+        self.process = subprocess.Popen(
+            command, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+            text=True, encoding="utf-8", errors="replace", bufsize=1, **kwargs,
+        )
+        self._readers = [
+            threading.Thread(target=self._read_stdout, daemon=True),
+            threading.Thread(target=self._read_stderr, daemon=True),
+        ]
+        for reader in self._readers:
+            reader.start()
+        _RUNNING_JOBS.add(self)
+
+    def _read_stdout(self) -> None:
+        for line in self.process.stdout:  # type: ignore[union-attr]
+            line = line.strip()
+            if not line:
+                continue
+            try:
+                event = json.loads(line)
+                if not isinstance(event, dict) or "event" not in event:
+                    raise ValueError
+            except ValueError:
+                event = {"event": "log", "line": line}
+            self.events.put(event)
+
+    def _read_stderr(self) -> None:
+        for line in self.process.stderr:  # type: ignore[union-attr]
+            line = line.rstrip()
+            if line:
+                self.stderr_tail.append(line)
+                self.events.put({"event": "log", "line": line})
+
+    @property
+    def pid(self) -> int:
+        """Process id of the worker."""
+        return self.process.pid
+
+    def finished(self) -> bool:
+        """True once the process has exited and both pipes are drained."""
+        if self.process.poll() is None:
+            return False
+        for reader in self._readers:
+            reader.join(timeout=1.0)
+        return True
+
+    def drain(self) -> list[dict[str, Any]]:
+        """Events received since the last call."""
+        out = []
+        while True:
+            try:
+                out.append(self.events.get_nowait())
+            except queue.Empty:
+                return out
+
+    def kill(self, timeout: float = CANCEL_TIMEOUT_S) -> None:
+        """Kill the worker (and its process group) and wait until it is gone."""
+        if self.process.poll() is None:
+            try:
+                if os.name == "nt":
+                    self.process.kill()
+                else:
+                    os.killpg(self.process.pid, signal.SIGKILL)
+            except (ProcessLookupError, PermissionError, OSError):
+                pass
+        try:
+            self.process.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait(timeout=timeout)
+        for reader in self._readers:
+            reader.join(timeout=0.5)
+        _RUNNING_JOBS.discard(self)
+
+    def cleanup(self) -> None:
+        """Remove the temporary folder (input copy and label map)."""
+        shutil.rmtree(self.temp_dir, ignore_errors=True)
+        _RUNNING_JOBS.discard(self)
+
+
+@atexit.register
+def _kill_running_workers() -> None:
+    """Do not leave workers behind when the application exits."""
+    for job in list(_RUNNING_JOBS):
+        job.kill(timeout=1.0)
+        job.cleanup()
+
+
+# ----------------------------------------------------------------------------- the logic
+@dataclass
+class _Run:
+    """State of the run in progress."""
+
+    job: WorkerJob
+    input_node: Any
+    output_node: Any
+    created_output: bool
+    organs: list[Organ]
+    output_path: Path
+    progress: Optional[ProgressCallback]
+    fine: bool
+    start_time: float
+    result_event: dict[str, Any] | None = None
+    error_event: dict[str, Any] | None = None
+    last_fraction: float = 0.0
+
+
+class AbdomenKDSegLogic:
+    """Headless, scriptable segmentation of 13 abdominal organs.
+
+    Attributes that can be changed before :meth:`segment`:
+    ``pythonExecutable`` (interpreter that runs the worker; ``PythonSlicer`` in Slicer),
+    ``modelPath`` (model bundle; None = the bundled default), ``fineStage`` (run the fine stage),
+    ``threads`` (torch CPU threads in the worker, 0 = default), ``workerExtraArgs`` (extra
+    worker options), ``logCallback`` (called with each log line; default: the ``logging`` module).
+    """
+
+    def __init__(self) -> None:
+        self.pythonExecutable: str = default_python_executable()
+        self.workerModule: str = "AbdomenKDSegLib.worker"
+        self.workerExtraArgs: list[str] = []
+        self.modelPath: str | None = None
+        self.fineStage: bool = True
+        self.threads: int = 0
+        self.logCallback: Optional[Callable[[str], None]] = None
+        self.lastRunInfo: RunInfo | None = None
+        self._run: _Run | None = None
+        self._cancelRequested = False
+
+    # ------------------------------------------------------------------ public API
+    @property
+    def isRunning(self) -> bool:
+        """True while a worker started by :meth:`segment` has not been finalized."""
+        return self._run is not None
+
+    @property
+    def workerPid(self) -> int | None:
+        """Process id of the running worker, or None."""
+        return self._run.job.pid if self._run else None
+
+    def segment(
+        self,
+        inputVolumeNode: Any,
+        outputSegmentationNode: Any = None,
+        device: str = "auto",
+        organs: Sequence[str | int] | None = None,
+        progress: Optional[ProgressCallback] = None,
+        waitForCompletion: bool = True,
+        model: str | os.PathLike[str] | None = None,
+        fine: bool | None = None,
+    ) -> Any:
+        """Segment ``inputVolumeNode`` (a CT scalar volume) into organ segments.
+
+        ``outputSegmentationNode``: a vtkMRMLSegmentationNode whose segments are replaced on
+        success, or None to create "<volume name> organs". ``device``: "auto", "cpu" or "cuda".
+        ``organs``: organ keys, names or label values (None = all 13). ``progress(text, fraction)``
+        receives the stage and the overall fraction. ``model``/``fine`` override ``modelPath``
+        and ``fineStage``. With ``waitForCompletion=False`` the call returns at once and the
+        caller must call :meth:`poll` until it returns False.
+
+        Returns the output segmentation node. Raises InputError (bad input volume), BundleError
+        (missing or corrupt model), WorkerError (the worker failed) or SegmentationCancelled.
+        """
+        if self._run is not None:
+            raise RuntimeError("a segmentation is already running; cancel it or wait for it to finish")
+        device = self._check_device(device)
+        organ_list = self._check_organs(organs)
+        model_path = self._check_model(model if model is not None else self.modelPath)
+        scene = self._check_input(inputVolumeNode)
+        self._check_output(outputSegmentationNode, scene)
+        run_fine = self.fineStage if fine is None else bool(fine)
+
+        self._cancelRequested = False
+        temp_dir = Path(tempfile.mkdtemp(prefix="AbdomenKDSeg-"))
+        created = outputSegmentationNode is None
+        try:
+            self._report(progress, "export", 0.0)
+            input_path = self.write_volume(inputVolumeNode, temp_dir / "input.nrrd")
+            output_path = temp_dir / "labels.nrrd"
+            command = self.worker_command(input_path, output_path, device, organ_list, model_path, run_fine)
+            self.log(f"Starting worker: {' '.join(command)}")
+            try:
+                job = WorkerJob(command, self.worker_environment(), temp_dir)
+            except OSError as exc:
+                raise WorkerError(f"could not start the worker with Python '{self.pythonExecutable}': {exc}") from exc
+        except BaseException:
+            shutil.rmtree(temp_dir, ignore_errors=True)
+            raise
+        if created:
+            outputSegmentationNode = scene.AddNewNodeByClass(
+                "vtkMRMLSegmentationNode", f"{inputVolumeNode.GetName()} organs")
+        self._run = _Run(job, inputVolumeNode, outputSegmentationNode, created, organ_list, output_path,
+                         progress, run_fine, time.perf_counter())
+        self._report(progress, "started", 0.0, self._run)
+        if waitForCompletion:
+            self.wait()
+        return outputSegmentationNode
+
+    def poll(self) -> bool:
+        """Process worker messages; finalize when it has exited. True while still running.
+
+        On success the output node receives the segments and :attr:`lastRunInfo` is set; on
+        failure the error is raised (once) and the scene is left as before the run.
+        """
+        run = self._run
+        if run is None:
+            return False
+        if self._cancelRequested:
+            self.cancel()
+            return False
+        self._handle_events(run, run.job.drain())
+        if self._run is not run:  # cancelled from the progress callback
+            return False
+        if not run.job.finished():
+            return True
+        self._handle_events(run, run.job.drain())
+        if self._run is not run:
+            return False
+        self._finalize(run)
+        return False
+
+    def wait(self, timeout: float | None = None, interval: float = 0.05) -> None:
+        """Block until the run finishes (raising its error) or ``timeout`` seconds pass."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while self.poll():
+            if self._cancelRequested:
+                self.cancel()
+                raise SegmentationCancelled("the segmentation was cancelled")
+            if deadline is not None and time.monotonic() > deadline:
+                return
+            time.sleep(interval)
+        if self._cancelRequested:
+            raise SegmentationCancelled("the segmentation was cancelled")
+
+    def cancel(self) -> bool:
+        """Kill the running worker (gone within 2 s) and undo the run. False if none was running.
+
+        Safe to call from the ``progress`` callback of a blocking :meth:`segment` call, which then
+        raises :class:`SegmentationCancelled`.
+        """
+        run = self._run
+        if run is None:
+            return False
+        self._cancelRequested = True
+        self._run = None
+        run.job.kill()
+        run.job.cleanup()
+        self._discard_output(run)
+        self.log("Segmentation cancelled.")
+        return True
+
+    def showIn3D(self, segmentationNode: Any, show: bool = True) -> None:
+        """Show (build the closed-surface representation) or hide the organs in 3D views."""
+        register_segmentation_converters()
+        if show:
+            if not segmentationNode.CreateClosedSurfaceRepresentation():
+                raise AbdomenKDSegError(f"could not build 3D surfaces for '{segmentationNode.GetName()}'")
+        else:
+            segmentationNode.RemoveClosedSurfaceRepresentation()
+
+    def getParameterNode(self, scene: Any = None) -> Any:
+        """The module's singleton vtkMRMLScriptedModuleNode in ``scene`` (created if missing)."""
+        scene = scene or slicer.mrmlScene
+        node = scene.GetSingletonNode(MODULE_NAME, "vtkMRMLScriptedModuleNode")
+        if node is None:
+            node = scene.CreateNodeByClass("vtkMRMLScriptedModuleNode")
+            node.UnRegister(None)
+            node.SetSingletonTag(MODULE_NAME)
+            node.SetAttribute("ModuleName", MODULE_NAME)
+            node.SetName(scene.GenerateUniqueName(MODULE_NAME))
+            node = scene.AddNode(node)
+        return node
+
+    def log(self, text: str) -> None:
+        """Send a line to ``logCallback`` (or the ``logging`` module)."""
+        if self.logCallback is not None:
+            self.logCallback(text)
+        else:
+            logging.getLogger(MODULE_NAME).info(text)
+
+    # ------------------------------------------------------------------ files and process
+    @staticmethod
+    def write_volume(volumeNode: Any, path: Path) -> Path:
+        """Write a volume node to ``path`` (uncompressed NRRD) without touching the node."""
+        storage = slicer.vtkMRMLVolumeArchetypeStorageNode()
+        storage.SetFileName(str(path))
+        storage.SetUseCompression(0)
+        if not storage.WriteData(volumeNode) or not path.is_file():
+            raise InputError(f"could not write volume '{volumeNode.GetName()}' to the temporary file {path}")
+        return path
+
+    @staticmethod
+    def read_labelmap(path: Path) -> Any:
+        """Read a label map file into a new vtkMRMLLabelMapVolumeNode that is not in any scene."""
+        node = slicer.vtkMRMLLabelMapVolumeNode()
+        storage = slicer.vtkMRMLVolumeArchetypeStorageNode()
+        storage.SetFileName(str(path))
+        if not path.is_file() or not storage.ReadData(node) or node.GetImageData() is None:
+            raise WorkerError(f"the worker finished but its label map {path} could not be read")
+        return node
+
+    def worker_command(self, input_path: Path, output_path: Path, device: str, organs: list[Organ],
+                       model: Path | None, fine: bool) -> list[str]:
+        """Command line that runs the worker for one segmentation."""
+        cmd = [self.pythonExecutable, "-m", self.workerModule, "--input", str(input_path),
+               "--output", str(output_path), "--device", device, "--parent-pid", str(os.getpid())]
+        if len(organs) < len(BY_VALUE):
+            cmd += ["--organs", ",".join(str(o.value) for o in organs)]
+        if model is not None:
+            cmd += ["--model", str(model)]
+        if not fine:
+            cmd.append("--no-fine")
+        if self.threads > 0:
+            cmd += ["--threads", str(self.threads)]
+        return cmd + [str(a) for a in self.workerExtraArgs]
+
+    @staticmethod
+    def worker_environment() -> dict[str, str]:
+        """This process's environment with the engine's folder first on PYTHONPATH."""
+        env = dict(os.environ)
+        paths = [str(library_parent())] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p]
+        env["PYTHONPATH"] = os.pathsep.join(paths)
+        env["PYTHONUNBUFFERED"] = "1"
+        env["PYTHONIOENCODING"] = "utf-8"
+        return env
+
+    # ------------------------------------------------------------------ checks
+    @staticmethod
+    def _check_device(device: str) -> str:
+        name = str(device or "auto").strip().lower()
+        if name not in DEVICES:
+            raise ValueError(f"unknown device {device!r}; use one of {', '.join(DEVICES)}")
+        return name
+
+    @staticmethod
+    def _check_organs(organs: Sequence[str | int] | None) -> list[Organ]:
+        if isinstance(organs, (str, int)):
+            organs = [organs]
+        chosen = resolve_organs(list(organs) if organs is not None else None)
+        if not chosen:
+            raise ValueError("no organ selected: choose at least one organ (or None for all 13)")
+        return chosen
+
+    @staticmethod
+    def _check_model(model: str | os.PathLike[str] | None) -> Path | None:
+        if model is None or str(model) == "":
+            return None
+        path = Path(model).expanduser()
+        if not path.is_file():
+            raise BundleError(f"model file not found: {path}")
+        return path.resolve()
+
+    @staticmethod
+    def _check_input(node: Any) -> Any:
+        """Validate the input volume node; returns its scene."""
+        if node is None:
+            raise InputError("no input volume: select a CT volume")
+        name = node.GetName() if hasattr(node, "GetName") else str(node)
+        if not node.IsA("vtkMRMLScalarVolumeNode") or node.IsA("vtkMRMLLabelMapVolumeNode"):
+            raise InputError(f"'{name}' is not a scalar CT volume ({node.GetClassName()})")
+        image = node.GetImageData()
+        if image is None or image.GetNumberOfPoints() == 0:
+            raise InputError(f"volume '{name}' has no image data (load or compute a CT volume first)")
+        if image.GetNumberOfScalarComponents() != 1:
+            raise InputError(f"volume '{name}' has {image.GetNumberOfScalarComponents()} components per "
+                             "voxel; a single-component CT volume is needed")
+        dims = image.GetDimensions()
+        if min(dims) < 2:
+            raise InputError(f"volume '{name}' is 2D ({dims[0]}x{dims[1]}x{dims[2]} voxels); "
+                             "a 3D CT volume is needed")
+        scene = node.GetScene()
+        if scene is None:
+            raise InputError(f"volume '{name}' is not in a MRML scene")
+        return scene
+
+    @staticmethod
+    def _check_output(node: Any, scene: Any) -> None:
+        if node is None:
+            return
+        if not node.IsA("vtkMRMLSegmentationNode"):
+            raise ValueError(f"output '{node.GetName()}' is a {node.GetClassName()}, not a segmentation node")
+        if node.GetScene() is not scene:
+            raise ValueError(f"output segmentation '{node.GetName()}' is not in the input volume's scene")
+
+    # ------------------------------------------------------------------ events and finalization
+    @staticmethod
+    def _report(progress: Optional[ProgressCallback], stage: str, fraction: float,
+                run: _Run | None = None) -> None:
+        """Call ``progress`` with the stage text and the overall fraction (never decreasing)."""
+        text, overall = stage_progress(stage, fraction)
+        if run is not None:
+            if overall is not None:
+                run.last_fraction = max(run.last_fraction, overall)
+            overall = run.last_fraction
+        if progress is not None:
+            progress(text, overall if overall is not None else 0.0)
+
+    def _handle_events(self, run: _Run, events: list[dict[str, Any]]) -> None:
+        for event in events:
+            if self._run is not run:  # cancelled from a callback
+                return
+            kind = event.get("event")
+            if kind == "progress":
+                self._report(run.progress, str(event.get("stage", "")), float(event.get("fraction", 0.0)), run)
+            elif kind == "started":
+                self.log(f"Worker started (process {event.get('pid')}, {event.get('python')})")
+            elif kind == "done":
+                run.result_event = event
+            elif kind == "error":
+                run.error_event = event
+            elif kind == "log":
+                self.log(str(event.get("line", "")))
+
+    def _finalize(self, run: _Run) -> None:
+        """The worker has exited: import its result or raise its error; always clean up."""
+        self._run = None
+        code = run.job.process.returncode
+        try:
+            if code == 0 and run.result_event is not None:
+                self._report(run.progress, "import", 0.0, run)
+                self._import_result(run)
+                self._report(run.progress, "import", 1.0, run)
+                return
+            self._discard_output(run)
+            raise self._error_from(run, code)
+        except BaseException:
+            if run.created_output and run.output_node.GetScene() is not None:
+                self._discard_output(run)
+            raise
+        finally:
+            run.job.cleanup()
+
+    def _error_from(self, run: _Run, code: int) -> AbdomenKDSegError:
+        """The exception that describes a failed worker."""
+        event = run.error_event
+        if event is not None:
+            classes = {"InputError": InputError, "BundleError": BundleError}
+            return classes.get(str(event.get("type")), WorkerError)(str(event.get("message")))
+        if code is not None and code < 0:
+            try:
+                how = f"was killed by signal {signal.Signals(-code).name}"
+            except ValueError:
+                how = f"was killed by signal {-code}"
+        else:
+            how = f"exited with code {code}"
+        lines = list(run.job.stderr_tail)
+        fatal = [line for line in lines if line.startswith("Fatal Python error")][:1]
+        tail = "\n".join(fatal + [line for line in lines[-8:] if line not in fatal])
+        return WorkerError(
+            f"the segmentation worker stopped unexpectedly ({how}) before producing a result"
+            + (f"; its last output:\n{tail}" if tail else "")
+        )
+
+    def _discard_output(self, run: _Run) -> None:
+        """Remove the output node if this run created it; a user's node is left untouched."""
+        node = run.output_node
+        if run.created_output and node is not None and node.GetScene() is not None:
+            node.GetScene().RemoveNode(node)
+
+    def _import_result(self, run: _Run) -> None:
+        """Read the worker's label map and replace the output node's segments with the organs."""
+        label_node = self.read_labelmap(run.output_path)
+        input_node = run.input_node
+        if input_node.GetScene() is not None and input_node.GetImageData() is not None:
+            got, want = label_node.GetImageData().GetDimensions(), input_node.GetImageData().GetDimensions()
+            if tuple(got) != tuple(want):
+                raise WorkerError(f"the worker's label map has {got} voxels but the input has {want}")
+        segmentation = build_segmentation(label_node, run.organs)
+        output = run.output_node
+        if output.GetScene() is None:
+            raise WorkerError("the output segmentation was removed from the scene during the run")
+        register_segmentation_converters()
+        was_modifying = output.StartModify()
+        try:
+            output.GetSegmentation().DeepCopy(segmentation)
+            reference = input_node if input_node.GetScene() is not None else label_node
+            output.SetReferenceImageGeometryParameterFromVolumeNode(reference)
+            if input_node.GetScene() is not None:
+                output.SetAndObserveTransformNodeID(input_node.GetTransformNodeID())
+        finally:
+            output.EndModify(was_modifying)
+        if output.GetDisplayNode() is None:
+            output.CreateDefaultDisplayNodes()
+        event = run.result_event or {}
+        self.lastRunInfo = RunInfo(
+            device=str(event.get("device", "")),
+            timings={str(k): float(v) for k, v in dict(event.get("timings", {})).items()},
+            voxel_counts={int(k): int(v) for k, v in dict(event.get("voxel_counts", {})).items()},
+            warnings=[str(w) for w in event.get("warnings", [])],
+            total_seconds=time.perf_counter() - run.start_time,
+        )
+        for warning in self.lastRunInfo.warnings:
+            self.log(f"Warning: {warning}")
+        empty = [o.name for o in run.organs if o.value not in self.lastRunInfo.voxel_counts]
+        if empty:
+            self.log(f"Not found in this image (empty segments): {', '.join(empty)}")
+        self.log(f"Segmentation finished in {self.lastRunInfo.summary()}")
+
+
+def build_segmentation(labelNode: Any, organs: Sequence[Organ]) -> Any:
+    """A vtkSegmentation with one segment per organ, all sharing the label map as one layer.
+
+    Segment IDs are the organ keys (e.g. ``"liver"``), label values are the FLARE22 values, and
+    names, colors and the ``TerminologyEntry`` tag come from the organ table. Voxels of organs not
+    in ``organs`` are set to background. Organs absent from the image get an empty segment.
+    """
+    from vtk.util.numpy_support import vtk_to_numpy
+
+    image = slicer.vtkSlicerSegmentationsModuleLogic.CreateOrientedImageDataFromVolumeNode(labelNode)
+    if image is None:
+        raise WorkerError("could not convert the worker's label map to a segmentation")
+    voxels = vtk_to_numpy(image.GetPointData().GetScalars())
+    keep = {o.value for o in organs}
+    unknown = set(int(v) for v in _unique(voxels)) - keep - {0}
+    for value in unknown:
+        voxels[voxels == value] = 0
+    if unknown:
+        image.Modified()
+    segmentation = slicer.vtkSegmentation()
+    if hasattr(segmentation, "SetSourceRepresentationName"):
+        segmentation.SetSourceRepresentationName(BINARY_LABELMAP)
+    else:  # Slicer < 5.4 calls it "master"
+        segmentation.SetMasterRepresentationName(BINARY_LABELMAP)
+    for organ in organs:
+        segment = slicer.vtkSegment()
+        segment.SetName(organ.name)
+        segment.SetColor(*organ.color_float)
+        segment.SetLabelValue(organ.value)
+        segment.SetTag(terminology_tag_name(), organ.terminology_entry())
+        segment.AddRepresentation(BINARY_LABELMAP, image)
+        segmentation.AddSegment(segment, organ.key)
+    return segmentation
+
+
+def _unique(values: Any) -> list[int]:
+    """Distinct values of a 1-D integer array (bincount: fast for uint8 label maps)."""
+    import numpy as np
+
+    if values.size == 0:
+        return []
+    if values.dtype.kind == "u" and values.dtype.itemsize <= 2:
+        return [int(v) for v in np.flatnonzero(np.bincount(values))]
+    return [int(v) for v in np.unique(values)]

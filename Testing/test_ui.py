@@ -1,0 +1,257 @@
+"""The Slicer module file and its Qt Designer UI: every widget the code uses exists, controls are complete.
+
+Slicer's GUI (qt, ctk, the application) is not available here, so the .ui file is parsed as XML and
+AbdomenKDSeg.py as Python source; one test loads the module file in a subprocess where torch and
+the other engine packages cannot be imported, with stand-ins for the Slicer GUI base classes only.
+"""
+
+from __future__ import annotations
+
+import ast
+import json
+import subprocess
+import sys
+import textwrap
+import xml.etree.ElementTree as ET
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+MODULE_FILE = REPO / "AbdomenKDSeg" / "AbdomenKDSeg.py"
+UI_FILE = REPO / "AbdomenKDSeg" / "Resources" / "UI" / "AbdomenKDSeg.ui"
+
+
+# ----------------------------------------------------------------------------- parsing helpers
+def ui_widgets() -> dict[str, ET.Element]:
+    root = ET.parse(UI_FILE).getroot()
+    return {w.get("name"): w for w in root.iter("widget")}
+
+
+def prop(widget: ET.Element, name: str):
+    """Value of a widget property: str, bool, int or list of strings (None if absent)."""
+    for p in widget.findall("property"):
+        if p.get("name") == name:
+            child = p[0]
+            if child.tag == "bool":
+                return child.text == "true"
+            if child.tag == "number":
+                return int(child.text)
+            if child.tag == "stringlist":
+                return [s.text for s in child.findall("string")]
+            return child.text or ""
+    return None
+
+
+def combo_items(widget: ET.Element) -> list[str]:
+    return [item.find("property/string").text for item in widget.findall("item")]
+
+
+def descendants(container: ET.Element) -> set[str]:
+    return {w.get("name") for w in container.iter("widget")} - {container.get("name")}
+
+
+@pytest.fixture(scope="module")
+def module_ast() -> ast.Module:
+    return ast.parse(MODULE_FILE.read_text(encoding="utf-8"))
+
+
+def ui_names_used(tree: ast.Module) -> set[str]:
+    """Every ``X`` in ``self.ui.X`` in the module."""
+    names = set()
+    for node in ast.walk(tree):
+        if (isinstance(node, ast.Attribute) and isinstance(node.value, ast.Attribute)
+                and node.value.attr == "ui" and isinstance(node.value.value, ast.Name)
+                and node.value.value.id == "self"):
+            names.add(node.attr)
+    return names
+
+
+def parameter_fields(tree: ast.Module) -> dict[str, str]:
+    """Annotated fields of the parameter node wrapper class: name -> annotation source."""
+    cls = next(n for n in tree.body if isinstance(n, ast.ClassDef) and n.name == "AbdomenKDSegParameterNode")
+    assert any(isinstance(d, ast.Name) and d.id == "parameterNodeWrapper" for d in cls.decorator_list)
+    return {n.target.id: ast.unparse(n.annotation) for n in cls.body if isinstance(n, ast.AnnAssign)}
+
+
+def module_constant(tree: ast.Module, name: str):
+    node = next(n for n in tree.body if isinstance(n, ast.Assign) and any(
+        isinstance(t, ast.Name) and t.id == name for t in n.targets))
+    return ast.literal_eval(node.value)
+
+
+# ----------------------------------------------------------------------------- tests
+def test_every_widget_used_by_the_module_exists_in_the_ui(module_ast):
+    used = ui_names_used(module_ast)
+    missing = sorted(used - set(ui_widgets()))
+    assert not missing, f"self.ui names missing from {UI_FILE.name}: {missing}"
+    assert len(used) >= 10  # the parser did find the widget's uses
+
+
+@pytest.mark.parametrize("name, cls", [
+    ("inputVolumeSelector", "qMRMLNodeComboBox"),
+    ("outputSegmentationSelector", "qMRMLNodeComboBox"),
+    ("deviceComboBox", "QComboBox"),
+    ("organListWidget", "QListWidget"),
+    ("selectAllOrgansButton", "QPushButton"),
+    ("selectNoOrgansButton", "QPushButton"),
+    ("applyButton", "QPushButton"),
+    ("progressBar", "QProgressBar"),
+    ("statusLabel", "QLabel"),
+    ("show3DButton", "qMRMLSegmentationShow3DButton"),
+    ("logCollapsibleButton", "ctkCollapsibleButton"),
+    ("logTextEdit", "QPlainTextEdit"),
+    ("timingLabel", "QLabel"),
+    ("advancedCollapsibleButton", "ctkCollapsibleButton"),
+    ("modelPathLineEdit", "ctkPathLineEdit"),
+    ("fineStageCheckBox", "QCheckBox"),
+])
+def test_required_control_is_present(name, cls):
+    widgets = ui_widgets()
+    assert name in widgets, f"{name} missing from the UI"
+    assert widgets[name].get("class") == cls
+
+
+def test_controls_are_configured_as_designed():
+    w = ui_widgets()
+    assert prop(w["inputVolumeSelector"], "nodeTypes") == ["vtkMRMLScalarVolumeNode"]
+    assert prop(w["inputVolumeSelector"], "showChildNodeTypes") is False  # no label maps as input
+    out = w["outputSegmentationSelector"]
+    assert prop(out, "nodeTypes") == ["vtkMRMLSegmentationNode"]
+    assert prop(out, "noneEnabled") is True and prop(out, "noneDisplay") == "Create new segmentation"
+    assert combo_items(w["deviceComboBox"]) == ["Auto", "CPU", "CUDA"]
+    assert prop(w["applyButton"], "text") == "Segment abdomen"
+    assert prop(w["logTextEdit"], "readOnly") is True
+    assert {"logTextEdit"} <= descendants(w["logCollapsibleButton"])
+    assert prop(w["logCollapsibleButton"], "collapsed") is True
+    assert {"modelPathLineEdit", "fineStageCheckBox"} <= descendants(w["advancedCollapsibleButton"])
+    assert prop(w["advancedCollapsibleButton"], "collapsed") is True
+    assert prop(w["fineStageCheckBox"], "checked") is True
+
+
+def test_parameter_names_in_the_ui_match_the_parameter_node(module_ast):
+    fields = parameter_fields(module_ast)
+    choices = module_constant(module_ast, "DEVICE_CHOICES")
+    bound = {prop(w, "SlicerParameterName"): w for w in ui_widgets().values() if prop(w, "SlicerParameterName")}
+    assert set(bound) == {"inputVolume", "outputSegmentation", "device", "fineStage"}
+    for name, widget in bound.items():
+        assert name in fields, f"SlicerParameterName {name} is not a parameter node field"
+        cls, annotation = widget.get("class"), fields[name]
+        if cls == "qMRMLNodeComboBox":
+            assert prop(widget, "nodeTypes") == [annotation]
+        elif cls == "QCheckBox":
+            assert annotation == "bool"
+        elif cls == "QComboBox":
+            assert annotation == "Annotated[str, Choice(DEVICE_CHOICES)]"
+            assert combo_items(widget) == choices
+        else:
+            pytest.fail(f"no parameter connector for {cls}")
+    assert {"organs", "modelPath"} <= set(fields)  # edited by the widget code, not by a connector
+
+
+def test_custom_widgets_are_declared_and_scene_is_connected():
+    root = ET.parse(UI_FILE).getroot()
+    declared = {c.findtext("class") for c in root.iter("customwidget")}
+    used = {w.get("class") for w in root.iter("widget")}
+    custom = {c for c in used if not c.startswith("Q")}
+    assert custom <= declared, f"undeclared custom widgets: {custom - declared}"
+    top = root.find("widget")
+    assert top.get("class") == "qMRMLWidget" and top.get("name") == root.findtext("class") == "AbdomenKDSeg"
+    connected = {(c.findtext("sender"), c.findtext("signal"), c.findtext("receiver"), c.findtext("slot"))
+                 for c in root.iter("connection")}
+    for selector in ("inputVolumeSelector", "outputSegmentationSelector"):
+        assert ("AbdomenKDSeg", "mrmlSceneChanged(vtkMRMLScene*)", selector, "setMRMLScene(vtkMRMLScene*)") \
+            in connected
+
+
+def test_widget_loads_the_ui_file_and_requirements_that_exist(module_ast):
+    resources = set()
+    for node in ast.walk(module_ast):
+        if (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute)
+                and node.func.attr == "resourcePath" and node.args and isinstance(node.args[0], ast.Constant)):
+            resources.add(node.args[0].value)
+    assert {"UI/AbdomenKDSeg.ui", "requirements.txt"} <= resources
+    for relative in resources:
+        assert (REPO / "AbdomenKDSeg" / "Resources" / relative).is_file(), relative
+
+
+LOAD_SCRIPT = textwrap.dedent("""
+    import importlib.abc, importlib.util, json, sys, types, typing
+
+    BLOCKED = {"torch", "cc3d", "fastremap", "safetensors", "qt", "ctk"}
+
+    class Block(importlib.abc.MetaPathFinder):
+        def find_spec(self, name, path=None, target=None):
+            if name.split(".")[0] in BLOCKED:
+                raise ImportError(f"{name} is blocked in this test")
+            return None
+
+    sys.meta_path.insert(0, Block())
+    # Stand-ins for the Slicer application's GUI layer (absent from slicer-core), nothing else.
+    sys.modules["qt"] = types.ModuleType("qt")
+    sys.modules["ctk"] = types.ModuleType("ctk")
+    scripted = types.ModuleType("slicer.ScriptedLoadableModule")
+    class ScriptedLoadableModule:
+        def __init__(self, parent):
+            self.parent = parent
+    scripted.ScriptedLoadableModule = ScriptedLoadableModule
+    scripted.ScriptedLoadableModuleWidget = type("ScriptedLoadableModuleWidget", (), {})
+    scripted.ScriptedLoadableModuleTest = type("ScriptedLoadableModuleTest", (), {})
+    sys.modules["slicer.ScriptedLoadableModule"] = scripted
+    wrapper = types.ModuleType("slicer.parameterNodeWrapper")
+    class Choice:
+        def __init__(self, choices):
+            self.choices = list(choices)
+    def parameterNodeWrapper(cls):
+        cls.hints = typing.get_type_hints(cls, include_extras=True)  # what Slicer's wrapper evaluates
+        return cls
+    wrapper.Choice, wrapper.parameterNodeWrapper = Choice, parameterNodeWrapper
+    sys.modules["slicer.parameterNodeWrapper"] = wrapper
+
+    spec = importlib.util.spec_from_file_location("AbdomenKDSeg", sys.argv[1])
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    parent = types.SimpleNamespace()
+    module.AbdomenKDSeg(parent)
+    hints = module.AbdomenKDSegParameterNode.hints
+    print(json.dumps({
+        "title": parent.title, "categories": parent.categories, "help": parent.helpText,
+        "ack": parent.acknowledgementText,
+        "hints": {k: getattr(v, "__name__", str(v)) for k, v in hints.items()},
+        "device_choices": hints["device"].__metadata__[0].choices,
+        "logic": module.AbdomenKDSegLogic.__module__,
+        "heavy_imported": sorted(m for m in ("torch", "cc3d", "fastremap", "safetensors", "SimpleITK")
+                                 if m in sys.modules),
+    }))
+""")
+
+
+@pytest.fixture(scope="module")
+def loaded_module() -> dict:
+    proc = subprocess.run([sys.executable, "-c", LOAD_SCRIPT, str(MODULE_FILE)], capture_output=True, text=True,
+                          timeout=120, cwd=REPO)
+    assert proc.returncode == 0, proc.stderr
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def test_module_loads_without_torch_or_engine_packages(loaded_module):
+    assert loaded_module["heavy_imported"] == []
+    assert loaded_module["logic"] == "AbdomenKDSegLib.logic"  # the logic is the engine's, re-exported
+
+
+def test_module_description(loaded_module):
+    assert loaded_module["title"] in ("Abdomen KD Seg", "AbdomenKDSeg")
+    assert loaded_module["categories"] == ["Segmentation"]
+    ack = " ".join(loaded_module["ack"].split())
+    assert "Choi" in ack and "FLARE" in ack
+    assert ("Knowledge Distillation from Cross Teaching Teachers for Efficient Semi-Supervised Abdominal "
+            "Organ Segmentation in CT") in ack
+    assert "13 abdominal organs" in " ".join(loaded_module["help"].split())
+
+
+def test_parameter_node_annotations_evaluate(loaded_module):
+    hints = loaded_module["hints"]
+    assert hints["inputVolume"] == "vtkMRMLScalarVolumeNode"
+    assert hints["outputSegmentation"] == "vtkMRMLSegmentationNode"
+    assert hints["fineStage"] == "bool" and hints["organs"] == "str" and hints["modelPath"] == "str"
+    assert loaded_module["device_choices"] == ["Auto", "CPU", "CUDA"]
