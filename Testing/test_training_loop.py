@@ -1,0 +1,314 @@
+"""The training loop: bitwise resume, DDP replicas, crash-safe checkpoints, end-to-end on real data."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+import torch
+
+from AbdomenKDSegLib.bundle import load_bundle
+from AbdomenKDSegLib.training.checkpoint import (
+    get_rng_state,
+    load_checkpoint,
+    save_checkpoint,
+    set_rng_state,
+)
+from AbdomenKDSegLib.training.data import CachedCase
+from AbdomenKDSegLib.training.pipeline import stage_checkpoint, train
+from AbdomenKDSegLib.training.recipe import Recipe
+from AbdomenKDSegLib.training.trainer import StageTrainer
+
+torch.set_num_threads(1)
+DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+TINY = {"base_features": 4, "n_stages": 3}
+
+
+def tiny_recipe(**over) -> Recipe:
+    base = dict(epochs=2, student=TINY, teacher=TINY, coarse_size=[32, 32, 32], fine_size=[32, 16, 32],
+                patch_size=[32, 16, 32], snapshot_every_epochs=0, deterministic=True)
+    base.update(over)
+    return Recipe.from_dict(base)
+
+
+# ---------------------------------------------------------------------------- synthetic cached cases
+def synthetic_cases(folder: Path, n_labeled: int, n_unlabeled: int, shape=(32, 32, 32)):
+    """Cached cases written directly (image int16 HU, uint8 labels), like the coarse cache."""
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(0)
+    out = {"labeled": [], "unlabeled": []}
+    for kind, n in (("labeled", n_labeled), ("unlabeled", n_unlabeled)):
+        for i in range(n):
+            cid = f"{kind[0]}{i}"
+            image = rng.integers(-200, 200, shape).astype(np.int16)
+            label = np.zeros(shape, np.uint8)
+            label[4 + i:20, 6:22, 5:25] = 1 + (i % 13)
+            label[10:14, 10:14, 10:14] = 5
+            image[label > 0] += 100
+            np.save(folder / f"{cid}.image.npy", image)
+            lab_path = None
+            if kind == "labeled":
+                lab_path = folder / f"{cid}.label.npy"
+                np.save(lab_path, label)
+            meta = folder / f"{cid}.json"
+            meta.write_text(json.dumps({"key": {"case": cid}}))
+            out[kind].append(CachedCase(cid, kind, folder / f"{cid}.image.npy", lab_path, meta))
+    return out
+
+
+def weights_of(nets):
+    return {f"{r}.{k}": v.clone() for r, n in nets.items() for k, v in n.state_dict().items()}
+
+
+def assert_bitwise_equal(a, b):
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+
+
+# ---------------------------------------------------------------------------- RNG and checkpoints
+def test_rng_state_round_trip(tmp_path):
+    import random
+
+    state = get_rng_state()
+    save_checkpoint({"rng": state}, tmp_path / "c.pt")
+    first = (random.random(), np.random.rand(), torch.rand(1).item())
+    set_rng_state(load_checkpoint(tmp_path / "c.pt")["rng"])
+    assert (random.random(), np.random.rand(), torch.rand(1).item()) == first
+
+
+def test_stage_trainer_resumes_bitwise(tmp_path):
+    cases = synthetic_cases(tmp_path / "cache", 2, 2)
+    recipe = tiny_recipe(checkpoint_every_steps=0)
+
+    def trainer(folder):
+        return StageTrainer("coarse", recipe, cases["labeled"], cases["unlabeled"], folder,
+                            torch.device("cpu"), progress=False)
+
+    full = trainer(tmp_path / "full")
+    full.start(resume=False)
+    assert full.run() is True and full.global_step == 8  # 2 epochs x (2 labeled + 2 unlabeled)
+    for stop in (3, 4):  # mid-epoch and at an epoch boundary
+        part = trainer(tmp_path / f"part{stop}")
+        part.start(resume=False)
+        assert part.run(max_steps=stop) is False and part.global_step == stop
+        resumed = trainer(tmp_path / f"part{stop}")
+        assert resumed.start(resume=True) is True and resumed.global_step == stop
+        assert resumed.run() is True and resumed.global_step == 8
+        assert_bitwise_equal(weights_of(full.nets), weights_of(resumed.nets))
+        a, b = full.optimizer.state_dict()["state"], resumed.optimizer.state_dict()["state"]
+        assert all(torch.equal(a[k]["momentum_buffer"], b[k]["momentum_buffer"]) for k in a)
+    rows = (tmp_path / "part3" / "steps.csv").read_text().strip().splitlines()
+    assert len(rows) == 1 + 8 and [r.split(",")[3] for r in rows[1:5]] == ["labeled", "unlabeled"] * 2
+    assert (tmp_path / "part3" / "losses.png").stat().st_size > 1000
+    import csv
+
+    def epoch_means(folder):
+        rows = list(csv.DictReader((tmp_path / folder / "epochs.csv").open()))
+        return [(r["epoch"], r["labeled_total"], r["unlabeled_total"], r["labeled_kl"]) for r in rows]
+
+    assert len(epoch_means("part3")) == 2
+    assert epoch_means("part3") == epoch_means("full")  # means include the steps before the stop
+
+
+def test_lr_poly_per_epoch_and_ramp_in_log(tmp_path):
+    cases = synthetic_cases(tmp_path / "cache", 1, 1)
+    recipe = tiny_recipe(epochs=4)
+    t = StageTrainer("fine", recipe, cases["labeled"], cases["unlabeled"], tmp_path / "run",
+                     torch.device("cpu"), progress=False)
+    t.start(resume=False)
+    t.run()
+    import csv
+
+    rows = list(csv.DictReader((tmp_path / "run" / "epochs.csv").open()))
+    for row in rows:
+        e = int(row["epoch"])
+        assert float(row["lr"]) == pytest.approx(0.01 * (1 - e / 4) ** 0.9)
+        assert float(row["ramp"]) == pytest.approx(np.exp(-5 * (1 - e / 4) ** 2))
+        assert float(row["lambda_dis"]) == pytest.approx(10 * float(row["ramp"]))
+    steps = list(csv.DictReader((tmp_path / "run" / "steps.csv").open()))
+    assert [r["kind"] for r in steps] == ["labeled", "unlabeled"] * 4
+    assert all(r["seg_S"] and r["kl"] and not r["psv"] for r in steps if r["kind"] == "labeled")
+    assert all(r["psv"] and r["ct_T1"] and not r["seg_S"] for r in steps if r["kind"] == "unlabeled")
+
+
+KILL_SCRIPT = textwrap.dedent("""
+    import json, sys
+    from pathlib import Path
+    import torch
+    torch.set_num_threads(1)
+    from AbdomenKDSegLib.training.data import CachedCase
+    from AbdomenKDSegLib.training.recipe import Recipe
+    from AbdomenKDSegLib.training.trainer import StageTrainer
+    spec = json.loads(sys.argv[1])
+    cases = {k: [CachedCase(c[0], k, Path(c[1]), Path(c[2]) if c[2] else None, Path(c[3])) for c in v]
+             for k, v in spec["cases"].items()}
+    recipe = Recipe.from_dict(spec["recipe"])
+    t = StageTrainer("coarse", recipe, cases["labeled"], cases["unlabeled"], Path(spec["out"]),
+                     torch.device("cpu"), progress=False)
+    t.start(resume=False)
+    t.run()
+""")
+
+
+def test_sigkill_during_checkpoint_write_keeps_previous_checkpoint(tmp_path):
+    cases = synthetic_cases(tmp_path / "cache", 1, 1)
+    recipe = tiny_recipe(checkpoint_every_steps=1)
+    spec = {"recipe": recipe.to_dict(), "out": str(tmp_path / "run"),
+            "cases": {k: [[c.case_id, str(c.image_path), str(c.label_path) if c.label_path else None,
+                           str(c.meta_path)] for c in v] for k, v in cases.items()}}
+    marker = tmp_path / "paused"
+    env = dict(os.environ, ABDOMENKDSEG_TEST_CKPT_PAUSE=f"4096:{marker}:1")  # 2nd save pauses mid-file
+    proc = subprocess.Popen([sys.executable, "-c", KILL_SCRIPT, json.dumps(spec)], env=env)
+    try:
+        deadline = time.time() + 300
+        while not marker.exists():
+            assert proc.poll() is None, "training process ended before the paused checkpoint write"
+            assert time.time() < deadline, "timed out waiting for the checkpoint writer to pause"
+            time.sleep(0.2)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    folder = tmp_path / "run"
+    partial = Path(marker.read_text())
+    assert partial.exists() and partial.parent == folder and partial.stat().st_size >= 4096
+    state = load_checkpoint(folder / "checkpoint_latest.pt")  # intact: the first save
+    assert state["global_step"] == 1 and state["sampler"]["step"] == 1
+    t = StageTrainer("coarse", recipe, cases["labeled"], cases["unlabeled"], folder, torch.device("cpu"),
+                     progress=False)
+    assert t.start(resume=True) and t.global_step == 1
+    assert t.run() is True and t.global_step == 4
+    assert not list(folder.glob(".*.tmp"))  # the stale temp file was cleaned up
+
+
+# ---------------------------------------------------------------------------- DDP
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _ddp_worker(rank: int, world: int, port: int, spec: dict) -> None:
+    import torch.distributed as dist
+
+    from AbdomenKDSegLib.training.distributed import DistInfo
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    try:
+        cases = {k: [CachedCase(c[0], k, Path(c[1]), Path(c[2]) if c[2] else None, Path(c[3])) for c in v]
+                 for k, v in spec["cases"].items()}
+        recipe = Recipe.from_dict(spec["recipe"])
+        t = StageTrainer("coarse", recipe, cases["labeled"], cases["unlabeled"], Path(spec["out"]),
+                         torch.device("cpu"), dist=DistInfo(rank, world), progress=False)
+        t.start(resume=False)
+        torch.save(weights_of(t.nets), Path(spec["out"]) / f"init{rank}.pt")
+        seen = [t.sampler.batch(0, s) for s in range(t.sampler.steps_per_epoch)]
+        t.run(max_steps=4)
+        torch.save(weights_of(t.nets), Path(spec["out"]) / f"rank{rank}.pt")
+        (Path(spec["out"]) / f"seen{rank}.json").write_text(json.dumps([[b.kind, b.indices] for b in seen]))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_two_process_ddp_keeps_replicas_identical(tmp_path):
+    import torch.multiprocessing as mp
+
+    cases = synthetic_cases(tmp_path / "cache", 4, 2)
+    out = tmp_path / "run"
+    out.mkdir()
+    spec = {"recipe": tiny_recipe(epochs=3).to_dict(), "out": str(out),
+            "cases": {k: [[c.case_id, str(c.image_path), str(c.label_path) if c.label_path else None,
+                           str(c.meta_path)] for c in v] for k, v in cases.items()}}
+    mp.spawn(_ddp_worker, args=(2, _free_port(), spec), nprocs=2, join=True)
+    w0, w1 = (torch.load(out / f"rank{r}.pt", weights_only=True) for r in range(2))
+    assert_bitwise_equal(w0, w1)
+    init = torch.load(out / "init0.pt", weights_only=True)
+    assert any(not torch.equal(init[k], w0[k]) for k in init)  # it trained
+    seen = [json.loads((out / f"seen{r}.json").read_text()) for r in range(2)]
+    labeled = sorted(i for s in seen for kind, idx in s if kind == "labeled" for i in idx)
+    assert labeled == [0, 1, 2, 3]  # the ranks split the labeled cases of an epoch
+    state = load_checkpoint(out / "checkpoint_latest.pt")
+    assert state["world_size"] == 2 and len(state["rng"]) == 2 and state["global_step"] == 4
+
+
+# ---------------------------------------------------------------------------- real data
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory) -> Path:
+    """labeled: the 3 mm CT + its labels; unlabeled: the DICOM series (as NIfTI) and a flipped crop."""
+    from AbdomenKDSegLib.image_io import read_image
+
+    root = tmp_path_factory.mktemp("data")
+    for sub in ("imagesTr", "labelsTr", "unlabeled"):
+        (root / sub).mkdir()
+    image = sitk.ReadImage(str(DATA / "ct-abdomen-3mm" / "image.nii.gz"))
+    sitk.WriteImage(image, str(root / "imagesTr" / "ct3mm_0000.nii.gz"))
+    sitk.WriteImage(sitk.ReadImage(str(DATA / "ct-abdomen-3mm" / "labels-flare13.nii.gz")),
+                    str(root / "labelsTr" / "ct3mm.nii.gz"))
+    sitk.WriteImage(read_image(DATA / "ct-upper-abdomen-dicom"), str(root / "unlabeled" / "dicom_0000.nii.gz"))
+    flipped = sitk.Flip(image, [True, False, False])[:, 10:90, 5:100]
+    sitk.WriteImage(flipped, str(root / "unlabeled" / "flipcrop_0000.nii.gz"))
+    return root
+
+
+def test_pipeline_resume_matches_uninterrupted_run(data_dir, tmp_path):
+    recipe = tiny_recipe()
+    cache = tmp_path / "cache"
+    a = train(recipe, data_dir, tmp_path / "a", cache_dir=cache, progress=False)
+    assert a.completed and a.stages["coarse"]["steps"] == 4 and a.stages["fine"]["steps"] == 4
+    b = train(recipe, data_dir, tmp_path / "b", cache_dir=cache, max_steps=3, progress=False)
+    assert not b.completed and b.bundle is None
+    with pytest.raises(Exception, match="already holds a training run"):
+        train(recipe, data_dir, tmp_path / "b", cache_dir=cache, progress=False)
+    b = train(recipe, data_dir, tmp_path / "b", resume=True, cache_dir=cache, progress=False)
+    assert b.completed
+    for stage in ("coarse", "fine"):
+        sa, sb = stage_checkpoint(tmp_path / "a", stage), stage_checkpoint(tmp_path / "b", stage)
+        for role in sa["models"]:
+            assert_bitwise_equal(sa["models"][role], sb["models"][role])
+    ba, bb = load_bundle(a.bundle), load_bundle(b.bundle)
+    assert ba.sha256 == bb.sha256 and ba.trained
+    assert ba.preprocessing["coarse_size_zyx"] == [32, 32, 32] and ba.preprocessing["window_zyx"] == [32, 16, 32]
+
+
+@pytest.mark.slow
+def test_end_to_end_real_data_to_segmentation(data_dir, tmp_path):
+    """Full-size patches (96^3 coarse, 96x64x96 fine), tiny widths: coarse -> predictions -> fine -> bundle."""
+    from AbdomenKDSegLib.inference import segment_file
+
+    recipe = Recipe.from_dict({"epochs": 1, "student": {"base_features": 4, "n_stages": 5},
+                               "teacher": {"base_features": 4, "n_stages": 5}, "snapshot_every_epochs": 0})
+    result = train(recipe, data_dir, tmp_path / "run", progress=False)
+    assert result.completed and result.bundle.is_file()
+    preds = sorted((tmp_path / "run" / "cache" / "coarse_pred").glob("*.npy"))
+    assert [p.stem for p in preds] == ["dicom", "flipcrop"]
+    assert np.load(preds[0]).shape == (96, 96, 96)
+    fine_meta = json.loads((tmp_path / "run" / "cache" / "fine" / "dicom.json").read_text())
+    assert np.load(tmp_path / "run" / "cache" / "fine" / "dicom.image.npy").shape == (96, 64, 96)
+    assert fine_meta["canonical_shape"] == [20, 512, 512]
+    bundle = load_bundle(result.bundle)
+    assert bundle.trained and bundle.metadata["recipe"]["variant"] == "proposed"
+    assert bundle.metadata["data"] == {"labeled": 1, "unlabeled": 2, "labeled_cases": ["ct3mm"],
+                                       "unlabeled_cases": ["dicom", "flipcrop"]}
+    out = segment_file(data_dir / "imagesTr" / "ct3mm_0000.nii.gz", tmp_path / "seg.nii.gz",
+                       model=result.bundle, device="cpu")
+    seg = sitk.ReadImage(str(out.output_path))
+    ref = sitk.ReadImage(str(data_dir / "imagesTr" / "ct3mm_0000.nii.gz"))
+    assert seg.GetSize() == ref.GetSize() and seg.GetDirection() == ref.GetDirection()
+    assert sitk.GetArrayViewFromImage(seg).max() <= 13
+    for stage in ("coarse", "fine"):
+        assert (tmp_path / "run" / stage / "losses.png").is_file()
+        state = stage_checkpoint(tmp_path / "run", stage)
+        assert state["completed"] and set(state["models"]) == {"S", "T1", "T2"}
