@@ -7,6 +7,7 @@ from pathlib import Path
 import numpy as np
 import SimpleITK as sitk
 import torch
+
 from AbdomenKDSegLib.bundle import save_bundle
 from AbdomenKDSegLib.networks import build_network, student_config
 

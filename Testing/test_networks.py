@@ -14,9 +14,10 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from torch import nn
+
 from AbdomenKDSegLib import networks as N
 from AbdomenKDSegLib.errors import InputError
-from torch import nn
 
 torch.set_num_threads(1)
 

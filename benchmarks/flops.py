@@ -19,6 +19,8 @@ from pathlib import Path
 from typing import Dict, Sequence
 
 import torch
+from torch import nn
+
 from AbdomenKDSegLib.networks import (
     PAPER_STUDENT_GFLOPS,
     build_network,
@@ -29,7 +31,6 @@ from AbdomenKDSegLib.networks import (
     teacher1_config,
     teacher2_config,
 )
-from torch import nn
 
 SHAPES = {"window_96x64x96": (1, 1, 96, 64, 96), "cube_96": (1, 1, 96, 96, 96)}
 

@@ -90,7 +90,8 @@ def cmd_segment(args: argparse.Namespace) -> int:
         raise InputError(f"no images (NIfTI/NRRD/MHA files or DICOM series folders) found in {source}")
     if batch and target.exists() and not target.is_dir():
         raise InputError(f"output {target} must be a folder when the input is a folder of cases")
-    predictor = Predictor(args.model, device=args.device, channels_last=not args.no_channels_last)
+    predictor = Predictor(args.model, device=args.device, channels_last=not args.no_channels_last,
+                          backend=args.backend)
     failed: list[tuple[str, str]] = []
     for case in cases:
         out = target / f"{case_name(case)}.nii.gz" if batch else target
@@ -162,7 +163,9 @@ def build_parser() -> argparse.ArgumentParser:
     seg.add_argument("--preview", default=None, help="write a PNG preview here (a folder for many cases)")
     seg.add_argument("--organs", nargs="+", default=None, help="only these organs (keys, names or values)")
     seg.add_argument("--no-fine", action="store_true", help="coarse stage only (faster, coarser)")
-    seg.add_argument("--no-channels-last", action="store_true", help="disable channels_last_3d on CPU")
+    seg.add_argument("--backend", default="auto", choices=["auto", "torch", "onnx"],
+                     help="network runtime on the CPU: ONNX Runtime when installed (auto), or PyTorch")
+    seg.add_argument("--no-channels-last", action="store_true", help="disable channels_last_3d on CPU (torch)")
     seg.add_argument("--threads", type=int, default=None, help="CPU threads for PyTorch")
     seg.add_argument("-q", "--quiet", action="store_true", help="no progress bar or summary")
     seg.set_defaults(func=cmd_segment)

@@ -127,6 +127,9 @@ class Predictor:
     """Coarse-to-fine student inference with a loaded :class:`ModelBundle`.
 
     ``device`` is "auto", "cpu" or "cuda"; ``progress`` receives (stage, fraction) updates.
+    ``backend`` "auto" runs the networks with ONNX Runtime on the CPU when it is installed (2.5-3x
+    faster than PyTorch for the depthwise convolutions, same probabilities within 1e-4) and with
+    PyTorch otherwise and on CUDA; "torch" and "onnx" force one.
     """
 
     def __init__(
@@ -135,7 +138,7 @@ class Predictor:
         device: str | torch.device = "auto",
         progress: Optional[ProgressCallback] = None,
         channels_last: bool = True,
-        backend: str = "torch",
+        backend: str = "auto",
     ) -> None:
         self.device = resolve_device(device)
         self.bundle = bundle if isinstance(bundle, ModelBundle) else load_bundle(bundle, device="cpu")

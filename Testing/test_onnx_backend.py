@@ -1,0 +1,176 @@
+"""Tests of AbdomenKDSegLib.onnx_backend: ONNX Runtime gives PyTorch's probabilities and label maps.
+
+Expectations are PyTorch's own eager results on the same weights (softmax of the network's logits),
+and cache behaviour observable on disk. Skipped as a whole when onnxruntime is not installed
+(``pip install -e '.[onnx]'``).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+import torch
+
+from AbdomenKDSegLib import onnx_backend
+from AbdomenKDSegLib.inference import Predictor
+from AbdomenKDSegLib.networks import build_network, student_config
+
+from engine_helpers import SAMPLE_CT, make_tiny_bundle
+
+pytestmark = pytest.mark.skipif(
+    not onnx_backend.available(), reason="onnxruntime is not installed (pip install -e '.[onnx]')"
+)
+
+TINY_WINDOW = (16, 16, 32)
+SHA = "0123456789abcdef" * 4
+
+
+@pytest.fixture(autouse=True)
+def _private_cache(tmp_path, monkeypatch):
+    """Every test gets an empty graph cache and one thread (the test machine has 2 shared cores)."""
+    monkeypatch.setenv(onnx_backend.CACHE_ENV, str(tmp_path / "cache"))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def tiny_student(seed: int = 0) -> torch.nn.Module:
+    torch.manual_seed(seed)
+    return build_network(student_config(base_features=4, max_features=16, n_stages=3)).eval()
+
+
+def torch_probabilities(net: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+    with torch.inference_mode():
+        return torch.softmax(net(x), dim=1)
+
+
+def test_available_is_true_when_onnxruntime_imports():
+    assert onnx_backend.available() is True
+
+
+def test_tiny_student_probabilities_match_pytorch():
+    net = tiny_student()
+    x = torch.randn((1, 1) + TINY_WINDOW, generator=torch.Generator().manual_seed(1))
+    probs = onnx_backend.make_runner(net, TINY_WINDOW, SHA, "coarse")(x)
+    expected = torch_probabilities(net, x)
+    assert probs.dtype == torch.float32 and probs.device.type == "cpu"
+    assert tuple(probs.shape) == (1, 14) + TINY_WINDOW
+    torch.testing.assert_close(probs.sum(dim=1), torch.ones((1,) + TINY_WINDOW), atol=1e-5, rtol=0)
+    assert (probs - expected).abs().max().item() < 1e-4
+
+
+@pytest.mark.slow
+def test_real_size_student_window_matches_pytorch():
+    """The paper's student (32..512 features, 5 stages) on one 96x64x96 window."""
+    torch.manual_seed(0)
+    net = build_network(student_config()).eval()
+    window = (96, 64, 96)
+    x = torch.randn((1, 1) + window, generator=torch.Generator().manual_seed(2))
+    probs = onnx_backend.make_runner(net, window, None, "fine")(x)
+    assert (probs - torch_probabilities(net, x)).abs().max().item() < 1e-4
+
+
+def test_graph_is_cached_and_reused(monkeypatch):
+    net = tiny_student()
+    x = torch.randn((1, 1) + TINY_WINDOW)
+    first = onnx_backend.make_runner(net, TINY_WINDOW, SHA, "fine")(x)
+    files = list(onnx_backend.cache_dir().glob("*.onnx"))
+    assert [f.name for f in files] == [onnx_backend.cache_name(SHA, "fine", TINY_WINDOW)]
+    assert not list(onnx_backend.cache_dir().glob("*.tmp"))  # atomic write left nothing behind
+
+    def no_export(*args, **kwargs):
+        raise AssertionError("the cached graph should have been used")
+
+    monkeypatch.setattr(onnx_backend, "export_onnx", no_export)
+    second = onnx_backend.make_runner(net, TINY_WINDOW, SHA, "fine")(x)
+    torch.testing.assert_close(first, second, atol=0, rtol=0)
+
+
+def test_cache_key_separates_stage_window_and_weights():
+    names = {
+        onnx_backend.cache_name(SHA, "coarse", (96, 64, 96)),
+        onnx_backend.cache_name(SHA, "fine", (96, 64, 96)),
+        onnx_backend.cache_name(SHA, "coarse", (96, 96, 96)),
+        onnx_backend.cache_name("f" * 64, "coarse", (96, 64, 96)),
+    }
+    assert len(names) == 4
+    assert torch.__version__.replace("+", "_") in onnx_backend.cache_name(SHA, "coarse", (96, 64, 96))
+
+
+def test_corrupt_cache_file_is_replaced():
+    net = tiny_student()
+    path = onnx_backend.cache_dir() / onnx_backend.cache_name(SHA, "coarse", TINY_WINDOW)
+    path.parent.mkdir(parents=True)
+    path.write_bytes(b"not an onnx graph")
+    x = torch.randn((1, 1) + TINY_WINDOW)
+    probs = onnx_backend.make_runner(net, TINY_WINDOW, SHA, "coarse")(x)
+    assert (probs - torch_probabilities(net, x)).abs().max().item() < 1e-4
+    assert path.stat().st_size > 1000
+
+
+def test_no_hash_means_no_cache_file():
+    net = tiny_student()
+    onnx_backend.make_runner(net, TINY_WINDOW, None, "coarse")(torch.randn((1, 1) + TINY_WINDOW))
+    assert not onnx_backend.cache_dir().exists() or not list(onnx_backend.cache_dir().iterdir())
+
+
+def test_unwritable_cache_folder_falls_back_to_memory(tmp_path, monkeypatch):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("a file where the cache folder would be")
+    monkeypatch.setenv(onnx_backend.CACHE_ENV, str(blocker / "cache"))
+    net = tiny_student()
+    x = torch.randn((1, 1) + TINY_WINDOW)
+    with pytest.warns(RuntimeWarning, match="cannot cache the ONNX graph"):
+        probs = onnx_backend.make_runner(net, TINY_WINDOW, SHA, "coarse")(x)
+    assert (probs - torch_probabilities(net, x)).abs().max().item() < 1e-4
+
+
+def test_failed_export_falls_back_to_pytorch(monkeypatch):
+    def broken_export(*args, **kwargs):
+        raise RuntimeError("unsupported operator")
+
+    monkeypatch.setattr(onnx_backend, "export_onnx", broken_export)
+    net = tiny_student()
+    x = torch.randn((1, 1) + TINY_WINDOW)
+    with pytest.warns(RuntimeWarning, match="unsupported operator"):
+        probs = onnx_backend.make_runner(net, TINY_WINDOW, SHA, "fine")(x)
+    torch.testing.assert_close(probs, torch_probabilities(net, x), atol=1e-6, rtol=0)
+
+
+def test_wrong_batch_shape_is_refused():
+    runner = onnx_backend.make_runner(tiny_student(), TINY_WINDOW, SHA, "coarse")
+    with pytest.raises(ValueError, match="16, 16, 32"):
+        runner(torch.zeros(1, 1, 16, 16, 16))
+
+
+@pytest.fixture(scope="module")
+def tiny_bundle(tmp_path_factory):
+    return make_tiny_bundle(tmp_path_factory.mktemp("bundle") / "tiny.safetensors", seed=3)
+
+
+def test_auto_backend_picks_onnx_on_cpu(tiny_bundle):
+    assert Predictor(tiny_bundle, device="cpu", backend="auto").backend == "onnx"
+    assert Predictor(tiny_bundle, device="cpu", backend="torch").backend == "torch"
+
+
+def test_sample_ct_same_probabilities_and_labels_as_pytorch(tiny_bundle):
+    """Whole pipeline on the 3 mm sample CT with a tiny random student bundle, both backends."""
+    image = sitk.ReadImage(str(SAMPLE_CT))
+    onnx_pred = Predictor(tiny_bundle, device="cpu", backend="onnx")
+    torch_pred = Predictor(tiny_bundle, device="cpu", backend="torch")
+    assert (onnx_pred.backend, torch_pred.backend) == ("onnx", "torch")
+
+    volume = torch.from_numpy(sitk.GetArrayFromImage(image).astype(np.float32))[:, :96, :96]
+    p_onnx = onnx_pred.sliding_window_probabilities("coarse", volume)
+    p_torch = torch_pred.sliding_window_probabilities("coarse", volume)
+    assert p_onnx.shape == p_torch.shape == (14,) + tuple(volume.shape)
+    assert (p_onnx - p_torch).abs().max().item() < 1e-4
+
+    labels_onnx, _ = onnx_pred.predict(image)
+    labels_torch, _ = torch_pred.predict(image)
+    a, b = sitk.GetArrayFromImage(labels_onnx), sitk.GetArrayFromImage(labels_torch)
+    assert a.shape == b.shape == tuple(reversed(image.GetSize()))
+    # Random weights can leave near-ties between classes: allow a tiny fraction of flipped voxels.
+    assert np.mean(a != b) < 1e-3
