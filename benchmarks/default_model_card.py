@@ -8,7 +8,7 @@ epoch logs, and writes the figures into the bundle's model card. The sample CT i
 case of the default model, so its scores measure fitting, not generalisation; the card says so, and
 says that no held-out labeled CT was available to measure generalisation. With ``--install`` the
 bundle is written (float16 storage) to AbdomenKDSeg/Resources/Models/abdomen-kdseg-default.safetensors.
-Prints a table and writes benchmarks/results/default_model.json.
+Prints a table and writes benchmarks/results/cpu_small_run.json.
 """
 
 from __future__ import annotations
@@ -46,7 +46,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("run", type=Path)
     parser.add_argument("--install", action="store_true")
-    parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" / "default_model.json")
+    parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" / "cpu_small_run.json")
     args = parser.parse_args()
     bundle = load_bundle(args.run / "model.safetensors")
     with tempfile.TemporaryDirectory() as tmp:
