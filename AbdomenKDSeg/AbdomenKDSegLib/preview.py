@@ -51,8 +51,6 @@ def save_preview(image: sitk.Image, labels: sitk.Image, path: PathLike, title: s
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    from matplotlib.patches import Patch
-
     if image.GetSize() != labels.GetSize():
         raise ValueError(f"image size {image.GetSize()} differs from label size {labels.GetSize()}")
     ct_img, geom = to_canonical(image)
@@ -72,12 +70,26 @@ def save_preview(image: sitk.Image, labels: sitk.Image, path: PathLike, title: s
         ax.set_title(name, color="white", fontsize=9)
         ax.axis("off")
     present = [BY_VALUE[v] for v in sorted(set(np.unique(lab).tolist()) - {0})]
-    handles = [Patch(color=o.color_float, label=f"{o.value} {o.name}") for o in present]
-    if handles:
-        fig.legend(handles=handles, loc="lower center", ncol=min(7, len(handles)), fontsize=8,
-                   facecolor="black", labelcolor="white", frameon=False)
+    add_organ_legend(fig, present, [f"{o.value} {o.name}" for o in present])
     fig.suptitle(title or "AbdomenKDSeg", color="white")
     fig.tight_layout(rect=(0, 0.08, 1, 0.95))
+    return save_figure_atomic(fig, path)
+
+
+def add_organ_legend(fig, organs, labels: list[str], max_columns: int = 7) -> None:  # noqa: ANN001
+    """A legend of organ color patches along the bottom of a black figure (nothing if no organ)."""
+    from matplotlib.patches import Patch
+
+    handles = [Patch(color=o.color_float, label=text) for o, text in zip(organs, labels)]
+    if handles:
+        fig.legend(handles=handles, loc="lower center", ncol=min(max_columns, len(handles)), fontsize=8,
+                   facecolor="black", labelcolor="white", frameon=False)
+
+
+def save_figure_atomic(fig, path: PathLike) -> Path:  # noqa: ANN001
+    """Save a matplotlib figure as PNG through a temporary file and a rename, then close it."""
+    import matplotlib.pyplot as plt
+
     out = Path(path)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = make_temp_beside(out, ".png")

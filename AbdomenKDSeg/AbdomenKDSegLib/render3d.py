@@ -23,8 +23,9 @@ import numpy as np
 import SimpleITK as sitk
 
 from .geometry import to_canonical
-from .image_io import PathLike, make_temp_beside
+from .image_io import PathLike
 from .organs import BY_VALUE
+from .preview import add_organ_legend, save_figure_atomic
 
 #: Display window for the CT slices (HU).
 DISPLAY_HU = (-160.0, 240.0)
@@ -258,7 +259,6 @@ def render_figure(labels_path: PathLike, out_path: PathLike, image_path: PathLik
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    from matplotlib.patches import Patch
 
     labels_img = sitk.ReadImage(str(labels_path))
     labels, spacing, origin = canonical_labels(labels_img)
@@ -292,22 +292,10 @@ def render_figure(labels_path: PathLike, out_path: PathLike, image_path: PathLik
         ax.set_title(name, color="white", fontsize=10)
         ax.axis("off")
     present = [BY_VALUE[s.value] for s in surfaces]
-    handles = [Patch(color=o.color_float, label=o.name) for o in present]
-    if handles:
-        fig.legend(handles=handles, loc="lower center", ncol=min(7, 2 * len(panels), len(handles)), fontsize=8,
-                   facecolor="black", labelcolor="white", frameon=False)
+    add_organ_legend(fig, present, [o.name for o in present], max_columns=min(7, 2 * len(panels)))
     fig.suptitle(title or f"{Path(labels_path).name} ({used} rendering)", color="white", fontsize=11)
     fig.tight_layout(rect=(0, 0.09, 1, 0.95))
-    out = Path(out_path)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = make_temp_beside(out, ".png")
-    try:
-        fig.savefig(tmp, dpi=100, facecolor="black", format="png")
-        tmp.replace(out)
-    finally:
-        plt.close(fig)
-        tmp.unlink(missing_ok=True)
-    return out
+    return save_figure_atomic(fig, out_path)
 
 
 def cmd_render(args: argparse.Namespace) -> int:
