@@ -137,3 +137,16 @@ def test_console_script_entry_point(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "AbdomenKDSegLib.cli", "segment", tmp_path / "x.nii.gz",
                            tmp_path / "y.nii.gz"], capture_output=True, text=True)
     assert proc.returncode == 1 and proc.stderr.strip() == f"error: input not found: {tmp_path / 'x.nii.gz'}"
+
+
+def test_huge_volume_warns_before_work(monkeypatch):
+    import warnings
+
+    from AbdomenKDSegLib import image_io
+
+    monkeypatch.setattr(image_io, "LARGE_VOXELS", 1000)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        image_io.validate_ct(synthetic_ct(), name="big")
+    assert any(issubclass(w.category, image_io.LargeVolumeWarning) and "very large volume" in str(w.message)
+               for w in caught)

@@ -23,6 +23,8 @@ PathLike = Union[str, "os.PathLike[str]"]
 
 #: Smallest size along any axis the coarse-to-fine pipeline accepts (voxels).
 MIN_SIZE = 8
+#: Voxel count above which a volume gets a memory warning (512x512x800 is 210 M).
+LARGE_VOXELS = 400_000_000
 #: File name endings read as single images.
 IMAGE_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd")
 #: File name endings a label map can be written to (single-file formats, so the write is atomic).
@@ -31,6 +33,10 @@ OUTPUT_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".mha")
 
 class NonCTWarning(UserWarning):
     """The intensities do not look like a CT in Hounsfield units."""
+
+
+class LargeVolumeWarning(UserWarning):
+    """The volume is large enough that memory may run short."""
 
 
 class ObliqueWarning(UserWarning):
@@ -99,6 +105,10 @@ def validate_ct(image: sitk.Image, name: str = "input") -> None:
     size = image.GetSize()
     if min(size) < MIN_SIZE:
         raise InputError(f"{name}: volume too small, size {size} has an axis below {MIN_SIZE} voxels")
+    n_voxels = size[0] * size[1] * size[2]
+    if n_voxels > LARGE_VOXELS:
+        warnings.warn(f"{name}: very large volume ({n_voxels / 1e6:.0f} M voxels, size {size}); segmentation "
+                      "needs about 20 bytes per voxel of memory", LargeVolumeWarning, stacklevel=2)
     if min(image.GetSpacing()) <= 0:
         raise InputError(f"{name}: invalid voxel spacing {image.GetSpacing()}")
     view = sitk.GetArrayViewFromImage(image)
