@@ -183,11 +183,8 @@ def _train(recipe: Recipe, data_dir: str | Path, out_dir: str | Path, resume: bo
     coarse_all = build_coarse_cache(labeled_files + unlabeled_files, cache, recipe)
     coarse_lab, coarse_unl = coarse_all[:len(labeled_files)], coarse_all[len(labeled_files):]
     coarse = StageTrainer("coarse", recipe, coarse_lab, coarse_unl, out / "coarse", dev, dist, progress, log)
-    coarse.start(resume)
-    if not coarse.run(max_steps):
-        result.stages["coarse"] = stage_state_summary(coarse)
+    if not _run_stage(coarse, resume, max_steps, result):
         return result
-    result.stages["coarse"] = stage_state_summary(coarse)
     coarse_net, coarse_cfg = coarse.export_network()
 
     # ---- coarse predictions of unlabeled cases, fine cache
@@ -209,11 +206,8 @@ def _train(recipe: Recipe, data_dir: str | Path, out_dir: str | Path, resume: bo
     # ---- fine stage
     del coarse
     fine = StageTrainer("fine", recipe, fine_lab, fine_unl, out / "fine", dev, dist, progress, log)
-    fine.start(resume)
-    if not fine.run(max_steps):
-        result.stages["fine"] = stage_state_summary(fine)
+    if not _run_stage(fine, resume, max_steps, result):
         return result
-    result.stages["fine"] = stage_state_summary(fine)
     fine_net, fine_cfg = fine.export_network()
 
     # ---- export
@@ -238,6 +232,14 @@ def _train(recipe: Recipe, data_dir: str | Path, out_dir: str | Path, resume: bo
     barrier(dist)
     result.completed = True
     return result
+
+
+def _run_stage(trainer: StageTrainer, resume: bool, max_steps: Optional[int], result: TrainResult) -> bool:
+    """Start (or resume) and run one stage, record its summary in ``result``; False if it stopped early."""
+    trainer.start(resume)
+    finished = trainer.run(max_steps)
+    result.stages[trainer.stage] = stage_state_summary(trainer)
+    return finished
 
 
 def stage_checkpoint(out_dir: str | Path, stage: str) -> Dict[str, Any]:
