@@ -6,6 +6,7 @@ import argparse
 from pathlib import Path
 
 import pytest
+import torch
 
 from AbdomenKDSegLib.training.cli import parse_overrides, register_cli, resolve_recipe_path
 from AbdomenKDSegLib.training.recipe import VARIANTS, Recipe, RecipeError, load_recipe
@@ -48,10 +49,10 @@ def test_yaml_overrides_and_unknown_keys(tmp_path):
 
 @pytest.mark.parametrize("name", ["proposed", "fsl", "fsl_fine", "kd_single", "ssl_single_kd",
                                   "ssl_single_psv", "ssl_single_kd_psv", "cts", "ctt_psv", "ctt_kd",
-                                  "ctt_sd", "cpu_small"])
+                                  "ctt_sd", "cpu_small", "cpu_default"])
 def test_shipped_recipes_load(name):
     r = load_recipe(RECIPES / f"{name}.yaml")
-    expected_fine = {"fsl_fine": "fsl", "cpu_small": "proposed"}.get(name, name)
+    expected_fine = {"fsl_fine": "fsl", "cpu_small": "proposed", "cpu_default": "proposed"}.get(name, name)
     assert r.stage_variant("fine").name == expected_fine
     coarse = "fsl" if name == "fsl" else "proposed"
     assert r.stage_variant("coarse").name == coarse
@@ -95,3 +96,21 @@ def test_cli_parses_train_command():
     assert args.resume and args.func is not None
     assert parse_overrides(args.set) == {"epochs": 3, "augment": {"elastic_p": 0}}
     assert resolve_recipe_path("cpu_small") == RECIPES / "cpu_small.yaml"
+
+
+def test_optimizer_switch_builds_the_named_optimizer():
+    from AbdomenKDSegLib.training.trainer import make_optimizer
+
+    params = [torch.nn.Parameter(torch.zeros(3))]
+    sgd = make_optimizer(params, Recipe())
+    assert isinstance(sgd, torch.optim.SGD)
+    group = sgd.param_groups[0]
+    assert (group["lr"], group["momentum"], group["nesterov"], group["weight_decay"]) == (0.01, 0.99, True, 3e-5)
+    adam = make_optimizer(params, Recipe.from_dict({"optimizer": "adam", "lr": 0.002}))
+    assert isinstance(adam, torch.optim.Adam)
+    assert (adam.param_groups[0]["lr"], adam.param_groups[0]["weight_decay"]) == (0.002, 3e-5)
+    assert load_recipe(RECIPES / "cpu_default.yaml").optimizer == "adam"
+    with pytest.raises(RecipeError, match="optimizer must be one of"):
+        Recipe.from_dict({"optimizer": "rmsprop"})
+    with pytest.raises(RecipeError, match="lr must be > 0"):
+        Recipe.from_dict({"lr": 0.0})

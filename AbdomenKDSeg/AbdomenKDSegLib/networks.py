@@ -31,6 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .depthwise_conv import DepthwiseConv3d
 from .errors import InputError
 
 __all__ = [
@@ -172,10 +173,7 @@ class DepthwiseSeparableConv3d(nn.Module):
 
     def __init__(self, in_channels: int, out_channels: int, kernel_size: int = 3, stride: int = 1) -> None:
         super().__init__()
-        self.depthwise = nn.Conv3d(
-            in_channels, in_channels, kernel_size, stride=stride, padding=kernel_size // 2,
-            groups=in_channels, bias=True,
-        )
+        self.depthwise = DepthwiseConv3d(in_channels, kernel_size, stride=stride, bias=True)
         self.pointwise = nn.Conv3d(in_channels, out_channels, 1, bias=True)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

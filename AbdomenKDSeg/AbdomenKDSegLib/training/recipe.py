@@ -109,7 +109,9 @@ class Recipe:
     coarse_epochs: Optional[int] = None  # None: ``epochs``
     fine_epochs: Optional[int] = None  # None: ``epochs``
     batch_size: int = 1
-    # optimisation (SGD over S, T1, T2 together; poly schedule stepped once per epoch)
+    # optimisation (one optimizer over S, T1, T2 together; poly schedule stepped once per epoch).
+    # "sgd" is the paper's; "adam" (Adam with L2 weight decay; momentum/nesterov unused) is for short CPU runs
+    optimizer: str = "sgd"
     lr: float = 0.01
     momentum: float = 0.99
     nesterov: bool = True
@@ -182,6 +184,7 @@ class Recipe:
                 raise RecipeError(f"unknown {key} {name!r}; known variants: {', '.join(VARIANTS)}")
         choices = {
             "unlabeled_kl_weight": ("reference", "paper"),
+            "optimizer": ("sgd", "adam"),
         }
         for key, allowed in choices.items():
             if getattr(self, key) not in allowed:
@@ -191,6 +194,8 @@ class Recipe:
         if self.augment.scale_axis not in ("reference", "labelled"):
             raise RecipeError(f"augment.scale_axis must be 'reference' or 'labelled', got "
                               f"{self.augment.scale_axis!r}")
+        if not self.lr > 0:
+            raise RecipeError(f"lr must be > 0, got {self.lr}")
         positive = ("epochs", "batch_size", "n_folds")
         for key in positive:
             if getattr(self, key) < 1:

@@ -1,6 +1,6 @@
 """The training loop of one stage (coarse or fine): S, T1, T2 trained jointly and online.
 
-One SGD optimizer (Nesterov) over all networks of the variant, poly learning rate stepped per epoch,
+One optimizer (the paper's SGD with Nesterov momentum, or Adam for short CPU recipes) over all networks of the variant, poly learning rate stepped per epoch,
 labeled and unlabeled batches alternating 1:1 (:mod:`.sampler`), augmentation "v4" (:mod:`.augment`),
 the losses of :mod:`.losses`, AMP on CUDA (autocast float16 + GradScaler), fp32 on CPU. Checkpoints
 (:mod:`.checkpoint`) hold everything needed to continue bit-for-bit: networks, optimizer, scheduler,
@@ -70,6 +70,14 @@ def poly_lambda(epochs: int, power: float) -> Callable[[int], float]:
     return factor
 
 
+def make_optimizer(params, recipe: Recipe) -> torch.optim.Optimizer:
+    """The recipe's optimizer: SGD (lr, momentum, Nesterov, weight decay) or Adam (lr, weight decay)."""
+    if recipe.optimizer == "adam":
+        return torch.optim.Adam(params, lr=recipe.lr, weight_decay=recipe.weight_decay)
+    return torch.optim.SGD(params, lr=recipe.lr, momentum=recipe.momentum, nesterov=recipe.nesterov,
+                           weight_decay=recipe.weight_decay)
+
+
 def _stage_seed(seed: int, stage: str, rank: int = 0) -> int:
     return (int(seed) * 1_000_003 + STAGES.index(stage) * 7_919 + int(rank)) % (2**63 - 1)
 
@@ -108,8 +116,7 @@ class StageTrainer:
             self.model = nn.parallel.DistributedDataParallel(
                 self.ensemble, device_ids=[self.device.index] if self.device.type == "cuda" else None,
                 find_unused_parameters=self._has_unused_parameters())
-        self.optimizer = torch.optim.SGD(self.ensemble.parameters(), lr=recipe.lr, momentum=recipe.momentum,
-                                         nesterov=recipe.nesterov, weight_decay=recipe.weight_decay)
+        self.optimizer = make_optimizer(self.ensemble.parameters(), recipe)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer,
                                                            poly_lambda(self.epochs, recipe.poly_power))
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.use_amp)
@@ -243,7 +250,7 @@ class StageTrainer:
 
     def optimize(self, x: torch.Tensor, target: Optional[torch.Tensor], weights: Dict[str, float]
                  ) -> Tuple[float, Dict[str, float]]:
-        """Forward, loss, backward and SGD step on an augmented batch (``target`` None: unlabeled)."""
+        """Forward, loss, backward and optimizer step on an augmented batch (``target`` None: unlabeled)."""
         self.model.train()
         with torch.autocast(device_type=self.device.type, dtype=torch.float16, enabled=self.use_amp):
             logits = self.model(x)
