@@ -5,8 +5,9 @@ forward (about 0.9 s vs 0.2 s for 32 channels at 64x48x64 on 2 threads) and domi
 training step on a CPU. :class:`DepthwiseConv3dFunction` computes the same gradients with fast
 kernels: the input gradient is the forward depthwise convolution of the output gradient with the
 spatially flipped kernel; the weight gradient is a grouped convolution of the zero-padded input with
-the output gradient as the kernel (one dot product per kernel tap, summed over the batch). The forward pass is PyTorch's own. Shapes are
-(B, C, Z, Y, X); the kernel is (C, 1, k, k, k) with odd k and padding k // 2.
+the output gradient as the kernel (one dot product per kernel tap, summed over the batch). The
+forward pass is PyTorch's own. Shapes are (B, C, Z, Y, X); the kernel is (C, 1, k, k, k) with odd k
+and padding k // 2.
 """
 
 from __future__ import annotations

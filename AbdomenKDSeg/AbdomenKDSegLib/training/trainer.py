@@ -1,10 +1,11 @@
 """The training loop of one stage (coarse or fine): S, T1, T2 trained jointly and online.
 
-One optimizer (the paper's SGD with Nesterov momentum, or Adam for short CPU recipes) over all networks of the variant, poly learning rate stepped per epoch,
-labeled and unlabeled batches alternating 1:1 (:mod:`.sampler`), augmentation "v4" (:mod:`.augment`),
-the losses of :mod:`.losses`, AMP on CUDA (autocast float16 + GradScaler), fp32 on CPU. Checkpoints
-(:mod:`.checkpoint`) hold everything needed to continue bit-for-bit: networks, optimizer, scheduler,
-grad scaler, sampler position, and the RNG states of every rank.
+One optimizer (the paper's Nesterov SGD, or Adam for short CPU recipes) over all networks of the
+variant, poly learning rate stepped per epoch, labeled and unlabeled batches alternating 1:1
+(:mod:`.sampler`), augmentation "v4" (:mod:`.augment`), the losses of :mod:`.losses`, AMP on CUDA
+(autocast float16 + GradScaler), fp32 on CPU. Checkpoints (:mod:`.checkpoint`) hold everything
+needed to continue bit-for-bit: networks, optimizer, scheduler, grad scaler, sampler position, and
+the RNG states of every rank.
 """
 
 from __future__ import annotations
