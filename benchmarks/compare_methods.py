@@ -278,12 +278,20 @@ def child_nnunet(args: argparse.Namespace) -> dict[str, Any]:
     meter = NetworkMeter(predictor.network)
     ending = ".nii.gz" if str(args.input).endswith(".nii.gz") else Path(args.input).suffix
     predictor.dataset_json["file_ending"] = ending
-    out_truncated = str(args.output)[: -len(ending)] if str(args.output).endswith(ending) else str(args.output)
+    # nnU-Net appends the dataset's file ending to a name without one: strip whichever ending the
+    # requested output has, then report the file nnU-Net actually wrote
+    out_truncated = str(args.output)
+    for suffix in (".nii.gz", ".nii", ".nrrd", ".mha"):
+        if out_truncated.endswith(suffix):
+            out_truncated = out_truncated[: -len(suffix)]
+            break
     predictor.predict_from_files_sequential([[str(args.input)]], [out_truncated], save_probabilities=False,
                                             overwrite=True)
+    written = sorted(Path(out_truncated).parent.glob(Path(out_truncated).name + ".*"))
     return {"device": device.type, "patches": meter.patches, "network_s": meter.seconds,
             "patch_size": list(predictor.configuration_manager.patch_size),
-            "spacing_zyx": list(predictor.configuration_manager.spacing), "output": out_truncated + ending}
+            "spacing_zyx": list(predictor.configuration_manager.spacing),
+            "output": str(written[0]) if written else out_truncated + ending}
 
 
 def child_monai(args: argparse.Namespace) -> dict[str, Any]:
