@@ -85,14 +85,16 @@ class AbdomenKDSegParameterNode:
     """Settings of the module, saved with the scene.
 
     inputVolume: CT to segment. outputSegmentation: segmentation to fill (None: create one).
-    device: Auto/CPU/CUDA. fineStage: run the full-resolution fine stage. organs: comma-separated
-    keys of the organs to keep. modelPath: model bundle file ("" = the bundled model).
+    device: Auto/CPU/CUDA. fineStage: run the full-resolution fine stage. keepCoarseResult: also
+    put the coarse stage's result into "<volume> organs (coarse)" (fine stage on only). organs:
+    comma-separated keys of the organs to keep. modelPath: model bundle file ("" = the bundled model).
     """
 
     inputVolume: vtkMRMLScalarVolumeNode
     outputSegmentation: vtkMRMLSegmentationNode
     device: Annotated[str, Choice(DEVICE_CHOICES)] = "Auto"
     fineStage: bool = True
+    keepCoarseResult: bool = False
     organs: str = ALL_ORGAN_KEYS
     modelPath: str = ""
 
@@ -223,7 +225,7 @@ class AbdomenKDSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.updateGUIFromParameterNode()
 
     def updateGUIFromParameterNode(self, caller=None, event=None) -> None:
-        """Organ check boxes, model path and the Segment button from the parameter node."""
+        """Organ check boxes, model path, keep-coarse availability and the Segment button."""
         if self._updatingGUI:
             return
         if self._parameterNode is None:
@@ -237,6 +239,8 @@ class AbdomenKDSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 item.setCheckState(qt.Qt.Checked if item.data(qt.Qt.UserRole) in selected else qt.Qt.Unchecked)
             if self.ui.modelPathLineEdit.currentPath != self._parameterNode.modelPath:
                 self.ui.modelPathLineEdit.currentPath = self._parameterNode.modelPath
+            # Without the fine stage the result already is the coarse one: nothing more to keep.
+            self.ui.keepCoarseCheckBox.enabled = self._parameterNode.fineStage
             inputVolume = self._parameterNode.inputVolume
             if inputVolume:
                 self.ui.outputSegmentationSelector.baseName = f"{inputVolume.GetName()} organs"
@@ -329,6 +333,7 @@ class AbdomenKDSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 waitForCompletion=False,
                 model=parameters.modelPath or None,
                 fine=parameters.fineStage,
+                keepCoarse=parameters.keepCoarseResult,
             )
         except Exception as exc:
             slicer.util.errorDisplay(f"The segmentation could not start: {exc}")

@@ -150,3 +150,44 @@ def test_huge_volume_warns_before_work(monkeypatch):
         image_io.validate_ct(synthetic_ct(), name="big")
     assert any(issubclass(w.category, image_io.LargeVolumeWarning) and "very large volume" in str(w.message)
                for w in caught)
+
+
+def test_coarse_output_writes_the_coarse_only_result(tmp_path, capsys, tiny_model):
+    out, coarse = tmp_path / "labels.nii.gz", tmp_path / "coarse.nrrd"
+    code, stdout, err = _run(["segment", SAMPLE_CT, out, "--model", tiny_model, "--coarse-output", coarse], capsys)
+    assert code == 0, err
+    assert f"coarse result -> {coarse}" in stdout
+    written = sitk.ReadImage(str(coarse))
+    assert written.GetPixelID() == sitk.sitkUInt8
+    assert_same_geometry(written, sitk.ReadImage(str(SAMPLE_CT)))
+    code, _, err = _run(["segment", SAMPLE_CT, tmp_path / "no_fine.nii.gz", "--model", tiny_model, "--no-fine",
+                         "-q"], capsys)
+    assert code == 0, err
+    expected = sitk.GetArrayFromImage(sitk.ReadImage(str(tmp_path / "no_fine.nii.gz")))
+    np.testing.assert_array_equal(sitk.GetArrayFromImage(written), expected)
+    assert not np.array_equal(sitk.GetArrayFromImage(sitk.ReadImage(str(out))), expected)  # fine != coarse
+
+
+def test_coarse_output_is_a_folder_for_a_folder_of_cases(tmp_path, capsys, tiny_model):
+    cases = tmp_path / "cases"
+    cases.mkdir()
+    shutil.copy(SAMPLE_CT, cases / "abdomen_0000.nii.gz")
+    code, _, err = _run(["segment", cases, tmp_path / "labels", "--model", tiny_model, "-q",
+                         "--coarse-output", tmp_path / "labels"], capsys)
+    assert code == 1 and err.startswith("error: --coarse-output") and "output folder" in err
+    assert not (tmp_path / "labels").exists()
+    code, _, err = _run(["segment", cases, tmp_path / "labels", "--model", tiny_model, "-q",
+                         "--coarse-output", tmp_path / "coarse"], capsys)
+    assert code == 0, err
+    assert [p.name for p in (tmp_path / "coarse").iterdir()] == ["abdomen.nii.gz"]
+    assert [p.name for p in (tmp_path / "labels").iterdir()] == ["abdomen.nii.gz"]
+    assert_same_geometry(sitk.ReadImage(str(tmp_path / "coarse" / "abdomen.nii.gz")),
+                         sitk.ReadImage(str(SAMPLE_CT)))
+
+
+def test_coarse_output_with_no_fine_is_not_a_duplicate(tmp_path, capsys, tiny_model):
+    with pytest.warns(UserWarning, match="already is the coarse result"):
+        code, _, err = _run(["segment", SAMPLE_CT, tmp_path / "l.nii.gz", "--model", tiny_model, "--no-fine", "-q",
+                             "--coarse-output", tmp_path / "c.nii.gz"], capsys)
+    assert code == 0, err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["l.nii.gz"]

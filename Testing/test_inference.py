@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 import pytest
 import SimpleITK as sitk
 import torch
 
+from AbdomenKDSegLib.errors import InputError
 from AbdomenKDSegLib.geometry import centered_box
 from AbdomenKDSegLib.image_io import read_image
 from AbdomenKDSegLib.inference import (
@@ -14,6 +17,7 @@ from AbdomenKDSegLib.inference import (
     Predictor,
     gaussian_importance,
     resolve_device,
+    segment_file,
     window_starts,
 )
 
@@ -129,3 +133,93 @@ def test_cuda_matches_cpu(tmp_path):
     assert info.device == "cuda"
     a, b = sitk.GetArrayFromImage(cpu), sitk.GetArrayFromImage(gpu)
     assert (a != b).mean() < 0.01  # fp16 autocast on GPU: near-ties may flip
+
+
+# ----------------------------------------------------------------------------- keep the coarse result
+@pytest.fixture(scope="module")
+def oblique_storage():
+    """The sample CT stored in another axis order (ASL): the coarse map must be mapped back exactly."""
+    return sitk.DICOMOrient(read_image(SAMPLE_CT), "ASL")
+
+
+@pytest.fixture(scope="module")
+def coarse_only(tiny_predictor, oblique_storage):
+    """The coarse-only mode's label map (Z, Y, X) of that image: what the kept coarse result must equal."""
+    labels, info = tiny_predictor.predict(oblique_storage, fine=False)
+    assert info.coarse_image is None  # the main output already is the coarse result
+    return sitk.GetArrayFromImage(labels)
+
+
+def test_keep_coarse_returns_the_coarse_only_result_with_the_input_geometry(tiny_predictor, oblique_storage,
+                                                                             coarse_only, monkeypatch):
+    calls = []
+    real = tiny_predictor.coarse_full_resolution
+    monkeypatch.setattr(tiny_predictor, "coarse_full_resolution", lambda *a: calls.append(1) or real(*a))
+    plain, plain_info = tiny_predictor.predict(oblique_storage)
+    assert calls == [] and plain_info.coarse_image is None  # not asked: not computed
+    assert "coarse_upsample" not in plain_info.timings
+
+    labels, info = tiny_predictor.predict(oblique_storage, keep_coarse=True)
+    assert calls == [1]
+    coarse = info.coarse_image
+    assert coarse.GetPixelID() == sitk.sitkUInt8
+    assert_same_geometry(coarse, oblique_storage)
+    arr = sitk.GetArrayFromImage(coarse)
+    assert arr.max() <= 13
+    np.testing.assert_array_equal(arr, coarse_only)
+    assert len(np.unique(arr)) >= 3  # a real label map, not a constant
+    # the main (fine) output is not changed by the option, and does differ from the coarse one
+    fine = sitk.GetArrayFromImage(labels)
+    np.testing.assert_array_equal(fine, sitk.GetArrayFromImage(plain))
+    assert_same_geometry(labels, oblique_storage)
+    assert (fine != arr).any()
+    assert info.coarse_labels is None and info.timings["coarse_upsample"] > 0
+
+
+def test_keep_coarse_follows_the_organ_subset_and_is_ignored_without_fine_stage(tiny_predictor, oblique_storage,
+                                                                                coarse_only):
+    present = sorted(set(np.unique(coarse_only).tolist()) - {0})
+    keep = present[:2]
+    _, info = tiny_predictor.predict(oblique_storage, organs=keep, keep_coarse=True)
+    expected = np.where(np.isin(coarse_only, keep), coarse_only, 0)
+    np.testing.assert_array_equal(sitk.GetArrayFromImage(info.coarse_image), expected)
+    labels, info = tiny_predictor.predict(oblique_storage, fine=False, keep_coarse=True)
+    assert info.coarse_image is None and info.coarse_labels is None
+    np.testing.assert_array_equal(sitk.GetArrayFromImage(labels), coarse_only)
+
+
+def test_segment_file_writes_the_coarse_result_beside_the_output(tiny_predictor, oblique_storage, coarse_only,
+                                                                 tmp_path):
+    source = tmp_path / "ct.nrrd"
+    sitk.WriteImage(oblique_storage, str(source))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the tiny bundle is untrained, and says so
+        result = segment_file(source, tmp_path / "fine.nii.gz", predictor=tiny_predictor,
+                              coarse_output=tmp_path / "sub" / "coarse.nrrd")
+    assert result.coarse_output_path == tmp_path / "sub" / "coarse.nrrd"
+    written = sitk.ReadImage(str(result.coarse_output_path))
+    assert written.GetPixelID() == sitk.sitkUInt8
+    assert_same_geometry(written, oblique_storage)
+    np.testing.assert_array_equal(sitk.GetArrayFromImage(written), coarse_only)
+    assert sorted(p.name for p in (tmp_path / "sub").iterdir()) == ["coarse.nrrd"]  # no temporary left
+
+    assert not any("coarse" in w for w in result.warnings)
+
+    # without the fine stage: no duplicate, a warning says why
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        result = segment_file(source, tmp_path / "c.nii.gz", predictor=tiny_predictor, fine=False,
+                              coarse_output=tmp_path / "c2.nii.gz")
+    assert any("already is the coarse result" in w for w in result.warnings)
+    assert result.coarse_output_path is None and not (tmp_path / "c2.nii.gz").exists()
+
+
+@pytest.mark.parametrize("coarse_name, message", [("fine.nii.gz", "same file as the output"),
+                                                  ("coarse.png", "unsupported file type"),
+                                                  ("folder", "is a folder")])
+def test_bad_coarse_output_fails_before_any_work(tmp_path, coarse_name, message):
+    (tmp_path / "folder").mkdir()
+    with pytest.raises(InputError, match=message):
+        segment_file(SAMPLE_CT, tmp_path / "fine.nii.gz", model=tmp_path / "not-loaded.safetensors",
+                     coarse_output=tmp_path / coarse_name)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["folder"]

@@ -581,3 +581,169 @@ def test_self_test_ct_shipped_with_the_module(mrml_scene, tiny_bundle):
     labels, matrix = export_labels(mrml_scene, node, FLARE_ORDER, volume)
     assert labels.shape == (56, 50, 61)
     np.testing.assert_allclose(matrix_array(matrix), volume_matrix(volume), atol=1e-6)
+
+
+# ----------------------------------------------------------------------------- keep the coarse result
+@pytest.fixture(scope="module")
+def tiny_coarse_reference(tiny_bundle, tmp_path_factory) -> np.ndarray:
+    """The engine's coarse-only label map (Z, Y, X) of the sample CT with the tiny bundle."""
+    out = tmp_path_factory.mktemp("ref") / "coarse.nrrd"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        segment_file(SAMPLE_CT, out, model=tiny_bundle, device="cpu", fine=False)
+    return sitk.GetArrayFromImage(sitk.ReadImage(str(out)))
+
+
+@pytest.fixture(scope="module")
+def coarse_run(tiny_bundle):
+    """Two runs keeping the coarse result; a user's node already bears the coarse result's name."""
+    scene = new_scene()
+    volume = load_volume(scene, SAMPLE_CT, "CT")
+    user_node = scene.AddNewNodeByClass("vtkMRMLSegmentationNode", "CT organs (coarse)")
+    user_node.GetSegmentation().AddEmptySegment("mine", "Mine")
+    logs = []
+    logic = make_logic(logs)
+    logic.keepCoarseResult = True
+    output = logic.segment(volume, device="cpu", model=tiny_bundle)
+    coarse = logic.lastCoarseSegmentationNode
+    segments = [coarse.GetSegmentation().GetSegment(key) for key in segment_ids(coarse)]
+    first = SimpleNamespace(
+        ids=segment_ids(coarse), labels=export_labels(scene, coarse, FLARE_ORDER, volume),
+        segments=[(s.GetName(), s.GetLabelValue(), s.GetColor(), segment_tag(s, terminology_tag_name()))
+                  for s in segments],
+        output_labels=export_labels(scene, output, FLARE_ORDER, volume)[0], state=scene_state(scene))
+    # second run: the attribute is off, the per-call override on, the output node reused, two organs
+    second_logic = make_logic()
+    second_output = second_logic.segment(volume, output, device="cpu", model=tiny_bundle,
+                                         organs=["liver", "aorta"], keepCoarse=True)
+    return SimpleNamespace(scene=scene, volume=volume, user_node=user_node, logic=logic, logs=logs, output=output,
+                           coarse=coarse, first=first, second_logic=second_logic, second_output=second_output)
+
+
+def test_keep_coarse_result_fills_a_second_segmentation(coarse_run, tiny_coarse_reference, tiny_reference):
+    run = coarse_run
+    coarse = run.coarse
+    assert coarse is not None and coarse.GetScene() is run.scene
+    assert coarse is not run.user_node and coarse is not run.output
+    assert coarse.GetName() == "CT organs (coarse)"
+    assert AbdomenKDSegLogic.findCoarseResultNode(run.volume) is coarse
+    assert run.first.ids == FLARE_ORDER
+    for value, (key, (name, label, color, tag)) in enumerate(zip(FLARE_ORDER, run.first.segments), start=1):
+        organ = BY_KEY[key]
+        assert name == organ.name and label == value and tag == organ.terminology_entry()
+        np.testing.assert_allclose(color, np.array(organ.color) / 255.0, atol=1e-6)
+    labels, matrix = run.first.labels
+    assert np.array_equal(labels, tiny_coarse_reference)
+    np.testing.assert_allclose(matrix_array(matrix), volume_matrix(run.volume), atol=1e-6)
+    assert np.array_equal(run.first.output_labels, tiny_reference)  # the main (fine) result is unchanged
+    assert not np.array_equal(tiny_reference, tiny_coarse_reference)
+    display = coarse.GetDisplayNode()
+    assert display is not None and not display.GetVisibility2DFill() and display.GetVisibility2DOutline()
+    assert "--coarse-output" in next(line for line in run.logs if line.startswith("Starting worker:"))
+
+
+def test_keep_coarse_reuses_only_the_node_it_created(coarse_run, tiny_coarse_reference):
+    run = coarse_run
+    assert run.second_output is run.output
+    assert run.second_logic.lastCoarseSegmentationNode is run.coarse  # reused, not a third node
+    assert segment_ids(run.coarse) == ["liver", "aorta"]
+    labels, _ = export_labels(run.scene, run.coarse, ["liver", "aorta"], run.volume)
+    expected = np.zeros_like(tiny_coarse_reference)
+    expected[tiny_coarse_reference == 1], expected[tiny_coarse_reference == 5] = 1, 2
+    assert np.array_equal(labels, expected)
+    # the user's node of the same name was never touched
+    user_entry = next(e for e in run.first.state if e[0] == run.user_node.GetID())
+    assert next(e for e in scene_state(run.scene) if e[0] == run.user_node.GetID()) == user_entry
+    assert segment_ids(run.user_node) == ["mine"]
+    assert run.scene.GetNodesByClass("vtkMRMLSegmentationNode").GetNumberOfItems() == 3
+
+
+def test_no_coarse_node_when_the_option_is_off_or_the_fine_stage_off(subset_run, mrml_scene, tiny_bundle):
+    assert AbdomenKDSegLogic.findCoarseResultNode(subset_run.volume) is None  # default: off
+    volume = load_volume(mrml_scene, SAMPLE_CT, "CT")
+    logs = []
+    logic = make_logic(logs)
+    logic.keepCoarseResult = True
+    node = logic.segment(volume, device="cpu", model=tiny_bundle, fine=False)
+    assert "--coarse-output" not in next(line for line in logs if line.startswith("Starting worker:"))
+    assert logic.lastCoarseSegmentationNode is None
+    assert mrml_scene.GetNodesByClass("vtkMRMLSegmentationNode").GetNumberOfItems() == 1
+    assert segment_ids(node) == FLARE_ORDER
+
+
+def _earlier_coarse_node(scene, volume):
+    """A segmentation as an earlier "keep coarse result" run left it, with one segment."""
+    from AbdomenKDSegLib.logic import COARSE_RESULT_ATTRIBUTE
+
+    node = scene.AddNewNodeByClass("vtkMRMLSegmentationNode", "CT organs (coarse)")
+    node.SetAttribute(COARSE_RESULT_ATTRIBUTE, volume.GetID())
+    node.GetSegmentation().AddEmptySegment("old", "Old segment")
+    return node
+
+
+def test_cancel_with_keep_coarse_leaves_the_scene_unchanged(mrml_scene, tiny_bundle):
+    volume = load_volume(mrml_scene, SAMPLE_CT, "CT")
+    earlier = _earlier_coarse_node(mrml_scene, volume)
+    before = scene_state(mrml_scene)
+    texts = []
+    logic = make_logic()
+    logic.keepCoarseResult = True
+    logic.workerExtraArgs = ["--debug-delay", "120"]
+    logic.segment(volume, device="cpu", model=tiny_bundle, waitForCompletion=False,
+                  progress=lambda t, f: texts.append(t))
+    deadline = time.monotonic() + 60
+    while "Waiting" not in texts:
+        assert logic.poll() and time.monotonic() < deadline
+        time.sleep(0.05)
+    assert logic.cancel()
+    assert scene_state(mrml_scene) == before
+    assert segment_ids(earlier) == ["old"]
+
+
+FAKE_WORKER = '''
+import argparse, json, sys
+import SimpleITK as sitk
+p = argparse.ArgumentParser()
+for name in ("--input", "--output", "--device", "--parent-pid", "--model", "--coarse-output", "--threads"):
+    p.add_argument(name)
+args, _ = p.parse_known_args()
+image = sitk.ReadImage(args.input)
+labels = sitk.Cast(image * 0 + 1, sitk.sitkUInt8)  # liver everywhere
+sitk.WriteImage(labels, args.output)  # but no coarse label map: the import must fail as a whole
+print(json.dumps({"event": "done", "output": args.output, "device": "cpu", "timings": {},
+                  "voxel_counts": {"1": 1}, "warnings": []}), flush=True)
+'''
+
+
+def test_missing_coarse_label_map_fails_without_touching_any_node(mrml_scene, tmp_path, monkeypatch):
+    (tmp_path / "fake_coarse_worker.py").write_text(FAKE_WORKER)
+    monkeypatch.setenv("PYTHONPATH", str(tmp_path))
+    volume = load_volume(mrml_scene, SAMPLE_CT, "CT")
+    earlier = _earlier_coarse_node(mrml_scene, volume)
+    output = mrml_scene.AddNewNodeByClass("vtkMRMLSegmentationNode", "My organs")
+    output.GetSegmentation().AddEmptySegment("mine", "Mine")
+    logic = make_logic()
+    logic.workerModule = "fake_coarse_worker"
+    logic.keepCoarseResult = True
+    _assert_one_error(mrml_scene, lambda: logic.segment(volume, output, device="cpu"), WorkerError,
+                      "coarse.nrrd could not be read")
+    assert segment_ids(output) == ["mine"] and segment_ids(earlier) == ["old"]
+    _assert_one_error(mrml_scene, lambda: logic.segment(volume, device="cpu"), WorkerError,
+                      "could not be read")  # the node created for the run is removed again
+
+
+def test_worker_passes_the_coarse_output_through():
+    calls = {}
+
+    def fake_segment(inp, out, model, device, fine, organs, progress, coarse_output):
+        calls["coarse_output"] = coarse_output
+        return SimpleNamespace(output_path=Path(out), device="cpu", timings={}, voxel_counts={}, warnings=[],
+                               coarse_output_path=Path(coarse_output))
+
+    code, events = _run_worker(fake_segment, "--coarse-output", "coarse.nrrd")
+    assert code == 0 and calls == {"coarse_output": "coarse.nrrd"}
+    assert events[-1]["event"] == "done" and events[-1]["coarse_output"] == "coarse.nrrd"
+    logic = AbdomenKDSegLogic()
+    cmd = logic.worker_command(Path("/t/in.nrrd"), Path("/t/out.nrrd"), "cpu", list(ORGANS), None, True,
+                               coarse_output=Path("/t/coarse.nrrd"))
+    assert cmd[cmd.index("--coarse-output") + 1] == "/t/coarse.nrrd"

@@ -105,6 +105,7 @@ def test_every_widget_used_by_the_module_exists_in_the_ui(module_ast):
     ("advancedCollapsibleButton", "ctkCollapsibleButton"),
     ("modelPathLineEdit", "ctkPathLineEdit"),
     ("fineStageCheckBox", "QCheckBox"),
+    ("keepCoarseCheckBox", "QCheckBox"),
 ])
 def test_required_control_is_present(name, cls):
     widgets = ui_widgets()
@@ -127,13 +128,42 @@ def test_controls_are_configured_as_designed():
     assert {"modelPathLineEdit", "fineStageCheckBox"} <= descendants(w["advancedCollapsibleButton"])
     assert prop(w["advancedCollapsibleButton"], "collapsed") is True
     assert prop(w["fineStageCheckBox"], "checked") is True
+    assert "keepCoarseCheckBox" in descendants(w["advancedCollapsibleButton"])
+    assert prop(w["keepCoarseCheckBox"], "checked") is False
+    assert "coarse" in prop(w["keepCoarseCheckBox"], "toolTip")
+
+
+def form_cells(layout: ET.Element) -> dict[str, tuple[int, int]]:
+    """Widget name -> (row, column) of the widgets placed directly in a QFormLayout."""
+    return {item.find("widget").get("name"): (int(item.get("row")), int(item.get("column")))
+            for item in layout.findall("item") if item.find("widget") is not None}
+
+
+def test_keep_coarse_check_box_is_under_the_fine_stage_one():
+    layout = next(x for x in ET.parse(UI_FILE).getroot().iter("layout") if x.get("name") == "advancedFormLayout")
+    cells = form_cells(layout)
+    assert len(set(cells.values())) == len(cells), "two widgets in the same form cell"
+    row, column = cells["fineStageCheckBox"]
+    assert cells["keepCoarseCheckBox"] == (row + 1, column)
+    assert cells["keepCoarseLabel"] == (row + 1, 0)
+
+
+def test_keep_coarse_is_passed_to_the_logic_and_needs_the_fine_stage(module_ast):
+    """The widget passes keepCoarse=<parameter> to logic.segment and enables the box from fineStage."""
+    segment_calls = [n for n in ast.walk(module_ast) if isinstance(n, ast.Call) and isinstance(n.func, ast.Attribute)
+                     and n.func.attr == "segment"]
+    keywords = {k.arg: ast.unparse(k.value) for call in segment_calls for k in call.keywords}
+    assert keywords.get("keepCoarse") == "parameters.keepCoarseResult"
+    enabling = [n for n in ast.walk(module_ast) if isinstance(n, ast.Assign)
+                and any(ast.unparse(t) == "self.ui.keepCoarseCheckBox.enabled" for t in n.targets)]
+    assert [ast.unparse(n.value) for n in enabling] == ["self._parameterNode.fineStage"]
 
 
 def test_parameter_names_in_the_ui_match_the_parameter_node(module_ast):
     fields = parameter_fields(module_ast)
     choices = module_constant(module_ast, "DEVICE_CHOICES")
     bound = {prop(w, "SlicerParameterName"): w for w in ui_widgets().values() if prop(w, "SlicerParameterName")}
-    assert set(bound) == {"inputVolume", "outputSegmentation", "device", "fineStage"}
+    assert set(bound) == {"inputVolume", "outputSegmentation", "device", "fineStage", "keepCoarseResult"}
     for name, widget in bound.items():
         assert name in fields, f"SlicerParameterName {name} is not a parameter node field"
         cls, annotation = widget.get("class"), fields[name]
@@ -254,4 +284,5 @@ def test_parameter_node_annotations_evaluate(loaded_module):
     assert hints["inputVolume"] == "vtkMRMLScalarVolumeNode"
     assert hints["outputSegmentation"] == "vtkMRMLSegmentationNode"
     assert hints["fineStage"] == "bool" and hints["organs"] == "str" and hints["modelPath"] == "str"
+    assert hints["keepCoarseResult"] == "bool"
     assert loaded_module["device_choices"] == ["Auto", "CPU", "CUDA"]

@@ -8,7 +8,7 @@ epoch logs, and writes the figures into the bundle's model card. The sample CT i
 case of the default model, so its scores measure fitting, not generalisation; the card says so, and
 says that no held-out labeled CT was available to measure generalisation. With ``--install`` the
 bundle is written (float16 storage) to AbdomenKDSeg/Resources/Models/abdomen-kdseg-default.safetensors.
-Prints a table and writes benchmarks/results/cpu_small_run.json.
+Prints a table and writes benchmarks/results/default_model.json (``--out``).
 """
 
 from __future__ import annotations
@@ -46,7 +46,8 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("run", type=Path)
     parser.add_argument("--install", action="store_true")
-    parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" / "cpu_small_run.json")
+    parser.add_argument("--recipe", default="cpu_default", help="name of the recipe the run used (for the card)")
+    parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" / "default_model.json")
     args = parser.parse_args()
     bundle = load_bundle(args.run / "model.safetensors")
     with tempfile.TemporaryDirectory() as tmp:
@@ -62,19 +63,21 @@ def main() -> int:
     card["training"] = {**card.get("training", {}), "seconds_per_stage": training_seconds(args.run),
                         "hardware": f"{platform.processor() or platform.machine()}, "
                                     f"{torch.get_num_threads()} CPU threads, no GPU"}
+    unlabeled = ", ".join(card.get("data", {}).get("unlabeled_cases", [])) or "none"
     card["data"] = {
         **card.get("data", {}),
         "description": "1 labeled CT: ../shared/data/ct-abdomen-3mm (TotalSegmentator test CT, 3 mm, labels "
-                       "from TotalSegmentator renumbered to FLARE22, esophagus absent); unlabeled: the "
-                       "20-slice DICOM series ct-upper-abdomen-dicom and a flipped crop of the labeled CT",
+                       "from TotalSegmentator renumbered to FLARE22, esophagus absent); unlabeled cases "
+                       f"({unlabeled}): the 20-slice DICOM series ct-upper-abdomen-dicom and crops of the "
+                       "labeled CT (see the README's 'Default model')",
     }
     card["metrics"] = {
         "training_case": {"case": "ct-abdomen-3mm (the training case: measures fitting only)",
                           "per_organ": per_organ, "mean_dsc_12_present_organs": round(mean_dsc, 4)},
         "held_out": "not measured: no labeled CT other than the training case is available",
     }
-    card["description"] = ("CPU demonstration model (recipe cpu_small, proposed method, shortened): trained "
-                           "on ONE labeled CT; not for clinical or research use; train your own with a GPU")
+    card["description"] = (f"CPU demonstration model (recipe {args.recipe}, the paper's method, shortened): "
+                           "trained on ONE labeled CT; not for clinical or research use; train your own with a GPU")
     report = {"bundle": str(args.run / "model.safetensors"), "segment_seconds_cpu": round(seconds, 2),
               "timings": {k: round(v, 2) for k, v in result.timings.items()}, **card["metrics"],
               "training": card["training"]}

@@ -15,7 +15,7 @@ from .image_io import dicom_series_files, has_image_suffix
 
 #: Overall progress fraction at which each stage starts and ends (for one progress bar).
 STAGE_SPAN = {"orient": (0.0, 0.05), "coarse": (0.05, 0.55), "fine": (0.55, 0.9),
-              "resample": (0.9, 0.98), "done": (0.98, 1.0)}
+              "resample": (0.9, 0.98), "coarse_resample": (0.98, 0.98), "done": (0.98, 1.0)}
 
 
 def _format_warning(message, category, filename, lineno, file=None, line=None) -> str:  # noqa: ANN001
@@ -90,16 +90,20 @@ def cmd_segment(args: argparse.Namespace) -> int:
         raise InputError(f"no images (NIfTI/NRRD/MHA files or DICOM series folders) found in {source}")
     if batch and target.exists() and not target.is_dir():
         raise InputError(f"output {target} must be a folder when the input is a folder of cases")
+    coarse_target = Path(args.coarse_output) if args.coarse_output else None
+    if batch and coarse_target is not None:
+        _check_coarse_folder(coarse_target, target)
     predictor = Predictor(args.model, device=args.device, channels_last=not args.no_channels_last,
                           backend=args.backend)
     failed: list[tuple[str, str]] = []
     for case in cases:
         out = target / f"{case_name(case)}.nii.gz" if batch else target
+        coarse_out = coarse_target / out.name if batch and coarse_target is not None else coarse_target
         bar = StageProgress(case_name(case), disable=args.quiet)
         started = time.perf_counter()
         try:
             result = segment_file(case, out, device=args.device, fine=not args.no_fine, organs=args.organs,
-                                  progress=bar, predictor=predictor)
+                                  progress=bar, predictor=predictor, coarse_output=coarse_out)
         except AbdomenKDSegError as exc:
             bar.close()
             if not batch:
@@ -110,6 +114,8 @@ def cmd_segment(args: argparse.Namespace) -> int:
         bar.close()
         if not args.quiet:
             print(f"{case_name(case)} -> {result.output_path} ({time.perf_counter() - started:.1f}s)")
+            if result.coarse_output_path is not None:
+                print(f"coarse result -> {result.coarse_output_path}")
             print_summary(result)
         if args.preview:
             _write_preview(case, result.output_path, Path(args.preview), batch)
@@ -118,6 +124,15 @@ def cmd_segment(args: argparse.Namespace) -> int:
         for name, why in failed:
             print(f"  failed: {name}: {why}", file=sys.stderr)
     return 1 if failed else 0
+
+
+def _check_coarse_folder(coarse: Path, target: Path) -> None:
+    """With a folder of cases, ``--coarse-output`` is a folder other than the output folder."""
+    if coarse.exists() and not coarse.is_dir():
+        raise InputError(f"--coarse-output {coarse} must be a folder when the input is a folder of cases")
+    if coarse.resolve() == target.resolve():
+        raise InputError(f"--coarse-output {coarse} is the output folder: the coarse label maps would replace "
+                         "the fine ones; give another folder")
 
 
 def _write_preview(case: Path, labels_path: Path, preview: Path, batch: bool) -> None:
@@ -163,6 +178,10 @@ def build_parser() -> argparse.ArgumentParser:
     seg.add_argument("--preview", default=None, help="write a PNG preview here (a folder for many cases)")
     seg.add_argument("--organs", nargs="+", default=None, help="only these organs (keys, names or values)")
     seg.add_argument("--no-fine", action="store_true", help="coarse stage only (faster, coarser)")
+    seg.add_argument("--coarse-output", default=None, metavar="PATH",
+                     help="also write the coarse stage's result at full resolution here, to compare with the "
+                          "fine one (a folder, one <case>.nii.gz per case, for a folder of cases); "
+                          "not written with --no-fine, whose output already is the coarse result")
     seg.add_argument("--backend", default="auto", choices=["auto", "torch", "onnx"],
                      help="network runtime on the CPU: ONNX Runtime when installed (auto), or PyTorch")
     seg.add_argument("--no-channels-last", action="store_true", help="disable channels_last_3d on CPU (torch)")

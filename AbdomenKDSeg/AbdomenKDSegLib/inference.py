@@ -7,6 +7,8 @@
 4. Fine: the crop at full resolution -> 96x64x96 -> one window -> probabilities.
 5. Back: probabilities resized to the crop slab by slab and argmaxed, largest component per
    class, pasted into a uint8 full-size map, original orientation and geometry.
+Optionally (``keep_coarse``) the coarse result is also mapped to full resolution, exactly as the
+coarse-only mode (``fine=False``) maps it, so coarse and fine can be compared.
 Only the student runs. Everything is computed in ``torch.inference_mode``; CUDA is used when
 available (``device="auto"``), and a CUDA out-of-memory error retries the stage on the CPU.
 """
@@ -28,7 +30,7 @@ import torch
 from .bundle import ModelBundle, load_bundle
 from .errors import InputError
 from .geometry import crop_box, from_canonical, to_canonical
-from .image_io import PathLike, read_image, validate_ct, write_image_atomic
+from .image_io import OUTPUT_SUFFIXES, PathLike, read_image, validate_ct, write_image_atomic
 from .organs import BY_VALUE, resolve_organs
 from .postprocess import largest_component_per_class
 from .preprocess import PAD_HU, clip_and_zscore, pad_to_min_size, resize_argmax, resize_volume
@@ -51,12 +53,21 @@ class DeviceFallbackWarning(UserWarning):
 
 @dataclass
 class PredictionInfo:
-    """What a prediction did: device used, seconds per stage, crop box (canonical Z, Y, X slices)."""
+    """What a prediction did: device used, seconds per stage, crop box (canonical Z, Y, X slices).
+
+    With ``keep_coarse=True`` and the fine stage on, the coarse result at full resolution is kept:
+    :meth:`Predictor.predict_canonical` sets ``coarse_labels`` (canonical (Z, Y, X) uint8 array),
+    :meth:`Predictor.predict` turns it into ``coarse_image`` (uint8 ``sitk.Image`` with the input's
+    geometry) and clears ``coarse_labels``. Both stay None otherwise (with the fine stage off the
+    main output already is the coarse result).
+    """
 
     device: str
     timings: dict[str, float] = field(default_factory=dict)
     crop_box: tuple[slice, slice, slice] | None = None
     warnings: list[str] = field(default_factory=list)
+    coarse_labels: np.ndarray | None = None
+    coarse_image: sitk.Image | None = None
 
 
 @dataclass
@@ -69,6 +80,8 @@ class SegmentationResult:
     voxel_counts: dict[int, int]
     voxel_volume_ml: float
     warnings: list[str]
+    #: where the coarse result went (``coarse_output`` of :func:`segment_file`), None if not written
+    coarse_output_path: Path | None = None
 
     def volumes_ml(self) -> dict[int, float]:
         """Volume of each organ present, in millilitres."""
@@ -265,9 +278,21 @@ class Predictor:
         self.progress("resample", 1.0)
         return largest_component_per_class(labels)
 
+    def coarse_full_resolution(self, coarse_probs: torch.Tensor, shape: tuple[int, int, int]) -> np.ndarray:
+        """Coarse probabilities (C, 96, 96, 96) -> uint8 labels of canonical ``shape`` (Z, Y, X).
+
+        Resized slab by slab and argmaxed, then the largest component per class: the one mapping
+        used both by the coarse-only mode and for the kept coarse result.
+        """
+        return largest_component_per_class(resize_argmax(coarse_probs, shape))
+
     def predict_canonical(self, canonical: np.ndarray, spacing_zyx: tuple[float, float, float],
-                          fine: bool = True) -> tuple[np.ndarray, PredictionInfo]:
-        """Labels (Z, Y, X, uint8) for a canonical HU array with voxel spacing ``spacing_zyx`` (mm)."""
+                          fine: bool = True, keep_coarse: bool = False) -> tuple[np.ndarray, PredictionInfo]:
+        """Labels (Z, Y, X, uint8) for a canonical HU array with voxel spacing ``spacing_zyx`` (mm).
+
+        ``keep_coarse`` (fine stage on only): also map the coarse result to full resolution into
+        ``info.coarse_labels`` (same shape and dtype), costing one more full-size resize + argmax.
+        """
         info = PredictionInfo(device=self.device.type)
         t0 = time.perf_counter()
         coarse_probs, coarse_labels = self.predict_coarse(canonical)
@@ -284,28 +309,43 @@ class Predictor:
             out[box] = self.predict_fine(canonical, box)
             info.crop_box = box
             info.timings["fine"] = time.perf_counter() - t0
+            if keep_coarse:
+                t0 = time.perf_counter()
+                self.progress("coarse_resample", 0.0)
+                info.coarse_labels = self.coarse_full_resolution(coarse_probs, canonical.shape)
+                self.progress("coarse_resample", 1.0)
+                info.timings["coarse_upsample"] = time.perf_counter() - t0
         else:
-            out[:] = largest_component_per_class(resize_argmax(coarse_probs, canonical.shape))
+            out[:] = self.coarse_full_resolution(coarse_probs, canonical.shape)
             info.timings["upsample"] = time.perf_counter() - t0
         info.device = self.device.type
         return out, info
 
-    def predict(self, image: sitk.Image, fine: bool = True,
-                organs: Sequence[str | int] | None = None) -> tuple[sitk.Image, PredictionInfo]:
-        """Segment a SimpleITK CT; returns a uint8 label map with the input's exact geometry."""
+    def predict(self, image: sitk.Image, fine: bool = True, organs: Sequence[str | int] | None = None,
+                keep_coarse: bool = False) -> tuple[sitk.Image, PredictionInfo]:
+        """Segment a SimpleITK CT; returns a uint8 label map with the input's exact geometry.
+
+        ``keep_coarse`` (fine stage on only): ``info.coarse_image`` also receives the coarse
+        result at full resolution (uint8, input geometry, same organ subset), identical to what
+        ``predict(image, fine=False)`` returns. Ignored when ``fine`` is False.
+        """
         validate_ct(image)
         t0 = time.perf_counter()
         self.progress("orient", 0.0)
         canonical_image, geom = to_canonical(image)
         canonical = sitk.GetArrayViewFromImage(canonical_image)
         t_orient = time.perf_counter() - t0
-        labels, info = self.predict_canonical(canonical, geom.canonical_spacing_zyx, fine=fine)
+        labels, info = self.predict_canonical(canonical, geom.canonical_spacing_zyx, fine=fine,
+                                              keep_coarse=keep_coarse)
         del canonical, canonical_image
         t0 = time.perf_counter()
-        if organs is not None:
-            keep = [o.value for o in resolve_organs(list(organs))]
+        keep = None if organs is None else [o.value for o in resolve_organs(list(organs))]
+        if keep is not None:
             labels = fastremap.mask_except(labels, keep)
         result = from_canonical(labels, geom)
+        if info.coarse_labels is not None:
+            coarse = info.coarse_labels if keep is None else fastremap.mask_except(info.coarse_labels, keep)
+            info.coarse_image, info.coarse_labels = from_canonical(coarse, geom), None
         info.timings = {"orient": t_orient, **info.timings, "restore": time.perf_counter() - t0}
         self.progress("done", 1.0)
         return result, info
@@ -320,15 +360,26 @@ def segment_file(
     organs: Sequence[str | int] | None = None,
     progress: Optional[ProgressCallback] = None,
     predictor: Predictor | None = None,
+    coarse_output: PathLike | None = None,
 ) -> SegmentationResult:
     """Segment one CT file or DICOM folder and write the label map atomically.
 
     The label map is uint8 with FLARE22 values (0 background, 1..13 organs) and exactly the
     input's size, spacing, origin and direction. Pass ``predictor`` to reuse loaded networks.
+    ``coarse_output``: also write the coarse stage's result at full resolution there (same
+    format, geometry and organ subset; what ``fine=False`` would write). With ``fine=False`` the
+    main output already is the coarse result: nothing more is written, with a warning.
     """
     out = Path(output_path)
-    if out.exists() and out.is_dir():
-        raise InputError(f"output {out} is a folder; give a file name such as {out / 'labels.nii.gz'}")
+    _check_output_file(out)
+    coarse_out = None if coarse_output is None else Path(coarse_output)
+    if coarse_out is not None:
+        _check_output_file(coarse_out)
+        if not coarse_out.name.lower().endswith(OUTPUT_SUFFIXES):  # checked now, not after the work
+            raise InputError(f"coarse output {coarse_out}: unsupported file type "
+                             f"(use one of {', '.join(OUTPUT_SUFFIXES)})")
+        if coarse_out.resolve() == out.resolve():
+            raise InputError(f"the coarse output {coarse_out} is the same file as the output; give another name")
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         t0 = time.perf_counter()
@@ -340,9 +391,16 @@ def segment_file(
         if not pred.bundle.trained:
             warnings.warn(f"the model {pred.bundle.path} is UNTRAINED (random weights): its segmentation "
                           "is meaningless", UntrainedModelWarning, stacklevel=2)
-        labels, info = pred.predict(image, fine=fine, organs=organs)
+        if coarse_out is not None and not fine:
+            warnings.warn(f"the coarse output {coarse_out} was not written: without the fine stage the output "
+                          f"{out} already is the coarse result", UserWarning, stacklevel=2)
+            coarse_out = None
+        labels, info = pred.predict(image, fine=fine, organs=organs, keep_coarse=coarse_out is not None)
         t0 = time.perf_counter()
         write_image_atomic(labels, out)
+        if coarse_out is not None:
+            write_image_atomic(info.coarse_image, coarse_out)
+            info.coarse_image = None
         t_write = time.perf_counter() - t0
     messages = []
     for w in caught:
@@ -354,4 +412,10 @@ def segment_file(
     counts = {v: int(counts_arr[v]) for v in BY_VALUE if counts_arr[v] > 0}
     voxel_ml = float(np.prod(labels.GetSpacing())) / 1000.0
     timings = {"read": t_read, **info.timings, "write": t_write}
-    return SegmentationResult(out, info.device, timings, counts, voxel_ml, messages)
+    return SegmentationResult(out, info.device, timings, counts, voxel_ml, messages, coarse_out)
+
+
+def _check_output_file(path: Path) -> None:
+    """An output label map path must name a file, not an existing folder."""
+    if path.exists() and path.is_dir():
+        raise InputError(f"output {path} is a folder; give a file name such as {path / 'labels.nii.gz'}")

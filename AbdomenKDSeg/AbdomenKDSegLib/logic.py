@@ -11,6 +11,9 @@ AbdomenKDSegLib.worker``, see :mod:`AbdomenKDSegLib.worker`) that exchanges file
 3. the label map is read back with a storage node and turned into one segment per organ (name,
    color and SNOMED CT terminology from :mod:`AbdomenKDSegLib.organs`), sharing one labelmap
    layer, with the input volume as reference geometry; the temporary files are deleted.
+   With ``keepCoarseResult`` (and the fine stage on) the worker also writes the coarse stage's
+   result at full resolution, which fills a second segmentation "<volume name> organs (coarse)"
+   the same way, to compare coarse and fine.
 
 Scripting waits for the worker (``waitForCompletion=True``); the GUI starts it with
 ``waitForCompletion=False`` and calls :meth:`AbdomenKDSegLogic.poll` from a timer.
@@ -54,6 +57,9 @@ BINARY_LABELMAP = "Binary labelmap"
 CLOSED_SURFACE = "Closed surface"
 #: Seconds allowed for a killed worker to disappear.
 CANCEL_TIMEOUT_S = 2.0
+#: Node attribute marking a segmentation created by the "keep coarse result" option; its value is
+#: the ID of the input volume node it belongs to. Only nodes carrying it are ever reused for it.
+COARSE_RESULT_ATTRIBUTE = "AbdomenKDSeg.CoarseResultOf"
 
 #: Engine stage -> (text shown to the user, overall fraction at its start, at its end).
 STAGES: dict[str, tuple[str, float, float]] = {
@@ -65,6 +71,7 @@ STAGES: dict[str, tuple[str, float, float]] = {
     "fine": ("Fine segmentation", 0.55, 0.86),
     "upsample": ("Resampling to full resolution", 0.55, 0.90),
     "resample": ("Resampling to full resolution", 0.86, 0.92),
+    "coarse_resample": ("Resampling the coarse result", 0.92, 0.92),
     "done": ("Writing label map", 0.92, 0.94),
     "import": ("Importing segments", 0.94, 1.0),
 }
@@ -110,6 +117,11 @@ def stage_progress(stage: str, fraction: float) -> tuple[str, float | None]:
     if start < 0:
         return text, None
     return text, start + (end - start) * min(max(float(fraction), 0.0), 1.0)
+
+
+def coarse_result_name(volumeNode: Any) -> str:
+    """Name of the coarse-result segmentation of a volume: "<volume name> organs (coarse)"."""
+    return f"{volumeNode.GetName()} organs (coarse)"
 
 
 def segment_tag(segment: Any, name: str) -> str | None:
@@ -261,6 +273,7 @@ class _Run:
     progress: Optional[ProgressCallback]
     fine: bool
     start_time: float
+    coarse_path: Path | None = None
     result_event: dict[str, Any] | None = None
     error_event: dict[str, Any] | None = None
     last_fraction: float = 0.0
@@ -272,8 +285,11 @@ class AbdomenKDSegLogic:
     Attributes that can be changed before :meth:`segment`:
     ``pythonExecutable`` (interpreter that runs the worker; ``PythonSlicer`` in Slicer),
     ``modelPath`` (model bundle; None = the bundled default), ``fineStage`` (run the fine stage),
+    ``keepCoarseResult`` (also output the coarse result, see :meth:`segment`),
     ``threads`` (torch CPU threads in the worker, 0 = default), ``workerExtraArgs`` (extra
     worker options), ``logCallback`` (called with each log line; default: the ``logging`` module).
+    After a successful run: ``lastRunInfo`` and ``lastCoarseSegmentationNode`` (None unless the
+    coarse result was kept).
     """
 
     def __init__(self) -> None:
@@ -282,9 +298,11 @@ class AbdomenKDSegLogic:
         self.workerExtraArgs: list[str] = []
         self.modelPath: str | None = None
         self.fineStage: bool = True
+        self.keepCoarseResult: bool = False
         self.threads: int = 0
         self.logCallback: Optional[Callable[[str], None]] = None
         self.lastRunInfo: RunInfo | None = None
+        self.lastCoarseSegmentationNode: Any = None
         self._run: _Run | None = None
         self._cancelRequested = False
 
@@ -309,6 +327,7 @@ class AbdomenKDSegLogic:
         waitForCompletion: bool = True,
         model: str | os.PathLike[str] | None = None,
         fine: bool | None = None,
+        keepCoarse: bool | None = None,
     ) -> Any:
         """Segment ``inputVolumeNode`` (a CT scalar volume) into organ segments.
 
@@ -318,6 +337,16 @@ class AbdomenKDSegLogic:
         receives the stage and the overall fraction. ``model``/``fine`` override ``modelPath``
         and ``fineStage``. With ``waitForCompletion=False`` the call returns at once and the
         caller must call :meth:`poll` until it returns False.
+
+        ``keepCoarse`` (overrides ``keepCoarseResult``): with the fine stage on, also put the coarse
+        stage's result at full resolution (same organs, names, colors, terminology and geometry)
+        into a second segmentation, returned by :meth:`findCoarseResultNode` and kept in
+        :attr:`lastCoarseSegmentationNode`. That node is reused on later runs only if this option
+        created it for the same volume (it carries :data:`COARSE_RESULT_ATTRIBUTE` = the volume's
+        node ID); otherwise a new "<volume name> organs (coarse)" is created, shown as outlines in
+        the slice views. A user's node is never replaced, even with the same name. It is created
+        only once the run has succeeded, so cancel and errors leave the scene unchanged. With the
+        fine stage off the output already is the coarse result: no second node is made.
 
         Returns the output segmentation node. Raises InputError (bad input volume), BundleError
         (missing or corrupt model), WorkerError (the worker failed) or SegmentationCancelled.
@@ -330,6 +359,7 @@ class AbdomenKDSegLogic:
         scene = self._check_input(inputVolumeNode)
         self._check_output(outputSegmentationNode, scene)
         run_fine = self.fineStage if fine is None else bool(fine)
+        keep_coarse = run_fine and (self.keepCoarseResult if keepCoarse is None else bool(keepCoarse))
 
         self._cancelRequested = False
         temp_dir = Path(tempfile.mkdtemp(prefix="AbdomenKDSeg-"))
@@ -338,7 +368,9 @@ class AbdomenKDSegLogic:
             self._report(progress, "export", 0.0)
             input_path = self.write_volume(inputVolumeNode, temp_dir / "input.nrrd")
             output_path = temp_dir / "labels.nrrd"
-            command = self.worker_command(input_path, output_path, device, organ_list, model_path, run_fine)
+            coarse_path = temp_dir / "coarse.nrrd" if keep_coarse else None
+            command = self.worker_command(input_path, output_path, device, organ_list, model_path, run_fine,
+                                          coarse_output=coarse_path)
             self.log(f"Starting worker: {' '.join(command)}")
             try:
                 job = WorkerJob(command, self.worker_environment(), temp_dir)
@@ -351,7 +383,7 @@ class AbdomenKDSegLogic:
             outputSegmentationNode = scene.AddNewNodeByClass(
                 "vtkMRMLSegmentationNode", f"{inputVolumeNode.GetName()} organs")
         self._run = _Run(job, inputVolumeNode, outputSegmentationNode, created, organ_list, output_path,
-                         progress, run_fine, time.perf_counter())
+                         progress, run_fine, time.perf_counter(), coarse_path)
         self._report(progress, "started", 0.0, self._run)
         if waitForCompletion:
             self.wait()
@@ -419,6 +451,25 @@ class AbdomenKDSegLogic:
         else:
             segmentationNode.RemoveClosedSurfaceRepresentation()
 
+    @staticmethod
+    def findCoarseResultNode(inputVolumeNode: Any, scene: Any = None, exclude: Any = None) -> Any:
+        """The segmentation that "keep coarse result" created for ``inputVolumeNode``, or None.
+
+        Found by its :data:`COARSE_RESULT_ATTRIBUTE` (the volume's node ID), not by its name, so a
+        user's segmentation that happens to have the same name is never taken. ``exclude``: a node
+        to skip (the main output of the run).
+        """
+        scene = scene or inputVolumeNode.GetScene()
+        volume_id = inputVolumeNode.GetID()
+        if scene is None or not volume_id:
+            return None
+        nodes = scene.GetNodesByClass("vtkMRMLSegmentationNode")
+        for i in range(nodes.GetNumberOfItems()):
+            node = nodes.GetItemAsObject(i)
+            if node is not exclude and node.GetAttribute(COARSE_RESULT_ATTRIBUTE) == volume_id:
+                return node
+        return None
+
     def getParameterNode(self, scene: Any = None) -> Any:
         """The module's singleton vtkMRMLScriptedModuleNode in ``scene`` (created if missing)."""
         scene = scene or slicer.mrmlScene
@@ -461,8 +512,8 @@ class AbdomenKDSegLogic:
         return node
 
     def worker_command(self, input_path: Path, output_path: Path, device: str, organs: list[Organ],
-                       model: Path | None, fine: bool) -> list[str]:
-        """Command line that runs the worker for one segmentation."""
+                       model: Path | None, fine: bool, coarse_output: Path | None = None) -> list[str]:
+        """Command line that runs the worker for one segmentation (``coarse_output``: keep coarse result)."""
         cmd = [self.pythonExecutable, "-m", self.workerModule, "--input", str(input_path),
                "--output", str(output_path), "--device", device, "--parent-pid", str(os.getpid())]
         if len(organs) < len(BY_VALUE):
@@ -471,6 +522,8 @@ class AbdomenKDSegLogic:
             cmd += ["--model", str(model)]
         if not fine:
             cmd.append("--no-fine")
+        if coarse_output is not None:
+            cmd += ["--coarse-output", str(coarse_output)]
         if self.threads > 0:
             cmd += ["--threads", str(self.threads)]
         return cmd + [str(a) for a in self.workerExtraArgs]
@@ -619,29 +672,20 @@ class AbdomenKDSegLogic:
             node.GetScene().RemoveNode(node)
 
     def _import_result(self, run: _Run) -> None:
-        """Read the worker's label map and replace the output node's segments with the organs."""
-        label_node = self.read_labelmap(run.output_path)
-        input_node = run.input_node
-        if input_node.GetScene() is not None and input_node.GetImageData() is not None:
-            got, want = label_node.GetImageData().GetDimensions(), input_node.GetImageData().GetDimensions()
-            if tuple(got) != tuple(want):
-                raise WorkerError(f"the worker's label map has {got} voxels but the input has {want}")
-        segmentation = build_segmentation(label_node, run.organs)
+        """Read the worker's label map(s) and replace the output node's segments with the organs.
+
+        Everything that can fail (reading, checking, building segmentations) happens before a node
+        is modified. A kept coarse result fills its own node through the same code.
+        """
+        segmentation, label_node = self._read_result(run, run.output_path)
+        coarse = self._read_result(run, run.coarse_path) if run.coarse_path is not None else None
         output = run.output_node
         if output.GetScene() is None:
             raise WorkerError("the output segmentation was removed from the scene during the run")
-        register_segmentation_converters()
-        was_modifying = output.StartModify()
-        try:
-            output.GetSegmentation().DeepCopy(segmentation)
-            reference = input_node if input_node.GetScene() is not None else label_node
-            output.SetReferenceImageGeometryParameterFromVolumeNode(reference)
-            if input_node.GetScene() is not None:
-                output.SetAndObserveTransformNodeID(input_node.GetTransformNodeID())
-        finally:
-            output.EndModify(was_modifying)
-        if output.GetDisplayNode() is None:
-            output.CreateDefaultDisplayNodes()
+        self._fill_segmentation_node(output, segmentation, label_node, run.input_node)
+        self.lastCoarseSegmentationNode = None
+        if coarse is not None:
+            self.lastCoarseSegmentationNode = self._import_coarse(run, *coarse)
         event = run.result_event or {}
         self.lastRunInfo = RunInfo(
             device=str(event.get("device", "")),
@@ -656,6 +700,59 @@ class AbdomenKDSegLogic:
         if empty:
             self.log(f"Not found in this image (empty segments): {', '.join(empty)}")
         self.log(f"Segmentation finished in {self.lastRunInfo.summary()}")
+
+    def _read_result(self, run: _Run, path: Path) -> tuple[Any, Any]:
+        """(vtkSegmentation of the run's organs, label map node) from a label map file of the worker."""
+        label_node = self.read_labelmap(path)
+        input_node = run.input_node
+        if input_node.GetScene() is not None and input_node.GetImageData() is not None:
+            got, want = label_node.GetImageData().GetDimensions(), input_node.GetImageData().GetDimensions()
+            if tuple(got) != tuple(want):
+                raise WorkerError(f"the worker's label map has {got} voxels but the input has {want}")
+        return build_segmentation(label_node, run.organs), label_node
+
+    @staticmethod
+    def _fill_segmentation_node(node: Any, segmentation: Any, label_node: Any, input_node: Any,
+                                coarse_of: str | None = None) -> None:
+        """Replace ``node``'s segments by ``segmentation``, with the input volume's geometry and transform.
+
+        ``coarse_of``: the input volume's ID for a coarse-result node (sets
+        :data:`COARSE_RESULT_ATTRIBUTE`); None removes that mark (the node now holds a main result).
+        """
+        register_segmentation_converters()
+        was_modifying = node.StartModify()
+        try:
+            node.GetSegmentation().DeepCopy(segmentation)
+            reference = input_node if input_node.GetScene() is not None else label_node
+            node.SetReferenceImageGeometryParameterFromVolumeNode(reference)
+            if input_node.GetScene() is not None:
+                node.SetAndObserveTransformNodeID(input_node.GetTransformNodeID())
+            if coarse_of is not None:
+                node.SetAttribute(COARSE_RESULT_ATTRIBUTE, coarse_of)
+            elif node.GetAttribute(COARSE_RESULT_ATTRIBUTE) is not None:
+                node.RemoveAttribute(COARSE_RESULT_ATTRIBUTE)
+        finally:
+            node.EndModify(was_modifying)
+        if node.GetDisplayNode() is None:
+            node.CreateDefaultDisplayNodes()
+
+    def _import_coarse(self, run: _Run, segmentation: Any, label_node: Any) -> Any:
+        """Fill the coarse-result node of the input volume (reused if this option made it, else new)."""
+        input_node, scene = run.input_node, run.output_node.GetScene()
+        node = self.findCoarseResultNode(input_node, scene, exclude=run.output_node)
+        created = node is None
+        if created:
+            node = scene.AddNewNodeByClass("vtkMRMLSegmentationNode", coarse_result_name(input_node))
+        try:
+            self._fill_segmentation_node(node, segmentation, label_node, input_node, coarse_of=input_node.GetID())
+        except BaseException:
+            if created:
+                scene.RemoveNode(node)
+            raise
+        if created and node.GetDisplayNode() is not None:
+            node.GetDisplayNode().SetVisibility2DFill(False)  # outlines over the fine result's fill
+        self.log(f"Coarse result kept in '{node.GetName()}'")
+        return node
 
 
 def build_segmentation(labelNode: Any, organs: Sequence[Organ]) -> Any:

@@ -2,16 +2,18 @@
 
 Started by :class:`AbdomenKDSegLib.logic.AbdomenKDSegLogic` as
 ``<python> -m AbdomenKDSegLib.worker --input IN.nrrd --output OUT.nrrd [--model M] [--device D]
-[--organs 1,5,13] [--no-fine]``. Running the network in its own process means a CUDA crash or an
-out-of-memory kill cannot take Slicer down, Cancel is a process kill, memory is returned after each
-run, and freshly installed packages work without restarting Slicer.
+[--organs 1,5,13] [--no-fine] [--coarse-output COARSE.nrrd]``. Running the network in its own
+process means a CUDA crash or an out-of-memory kill cannot take Slicer down, Cancel is a process
+kill, memory is returned after each run, and freshly installed packages work without restarting
+Slicer.
 
 Protocol: every line the worker writes to stdout is one JSON object with an ``event`` key:
 
 - ``{"event": "started", "pid": int, "python": str}``: the worker is alive;
 - ``{"event": "progress", "stage": str, "fraction": float}``: fraction of that stage in [0, 1];
 - ``{"event": "done", "output": str, "device": str, "timings": {stage: seconds},
-  "voxel_counts": {value: count}, "warnings": [str]}``: the label map was written;
+  "voxel_counts": {value: count}, "warnings": [str]}``: the label map was written; with
+  ``--coarse-output`` (and the fine stage on) also ``"coarse_output": str``, the coarse result's file;
 - ``{"event": "error", "type": str, "message": str}``: a handled failure (exit code 2 for
   input/model errors, 1 for anything unexpected).
 
@@ -77,6 +79,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     p.add_argument("--organs", default=None, help="comma-separated organ keys or label values")
     p.add_argument("--no-fine", dest="fine", action="store_false", help="coarse stage only")
+    p.add_argument("--coarse-output", default=None,
+                   help="also write the coarse result at full resolution here (ignored with --no-fine)")
     p.add_argument("--threads", type=int, default=0, help="CPU threads for torch (0: torch default)")
     p.add_argument("--parent-pid", type=int, default=0, help="exit when this process is gone (default: the parent)")
     # Test hooks, hidden from --help: a slow start (to test Cancel) and a native crash.
@@ -107,9 +111,10 @@ def run(args: argparse.Namespace, events: EventWriter,
     try:
         if segment is None:
             segment = load_engine(args.threads)
+        extra = {} if args.coarse_output is None else {"coarse_output": args.coarse_output}
         result = segment(
             args.input, args.output, model=args.model, device=args.device, fine=args.fine,
-            organs=organ_list(args.organs), progress=events.progress,
+            organs=organ_list(args.organs), progress=events.progress, **extra,
         )
     except (InputError, BundleError) as exc:
         events.emit("error", type=type(exc).__name__, message=str(exc))
@@ -130,6 +135,7 @@ def run(args: argparse.Namespace, events: EventWriter,
         traceback.print_exc(file=sys.stderr)
         events.emit("error", type=type(exc).__name__, message=f"{type(exc).__name__}: {exc}")
         return EXIT_FAILURE
+    coarse = getattr(result, "coarse_output_path", None)
     events.emit(
         "done",
         output=str(result.output_path),
@@ -137,6 +143,7 @@ def run(args: argparse.Namespace, events: EventWriter,
         timings={k: float(v) for k, v in result.timings.items()},
         voxel_counts={str(k): int(v) for k, v in result.voxel_counts.items()},
         warnings=[str(w) for w in result.warnings],
+        **({} if coarse is None else {"coarse_output": str(coarse)}),
     )
     return 0
 
