@@ -3,7 +3,7 @@
 Every run is a fresh child process (``python -m AbdomenKDSegLib.cli segment IN OUT ...``): the
 seconds are wall-clock from process start to exit (interpreter start, imports, model loading,
 reading, both stages, writing the label map), the memory is the child's peak resident set size.
-Inputs: the 3 mm sample CT and clinical sizes resampled from it (same field of view, see
+Inputs: the 3 mm sample CT and clinical sizes resampled from it (clinical spacing, see
 ``common.prepare_input``), cached as uncompressed NIfTI in ``benchmarks/data-cache/``.
 
 Variants (``--variants``):

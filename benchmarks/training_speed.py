@@ -4,11 +4,12 @@ Each recipe runs in its own child process (peak memory measured by benchmarks/co
 iteration = load a cached 96^3 coarse case, augmentation "v4", forward of every network, the losses
 of the recipe, backward and the SGD step; labeled and unlabeled iterations alternate like in training.
 The full-width recipe (``proposed``: teachers of 92 M parameters each) is slow on a CPU, so it runs
-one iteration by default; the CPU recipe (``cpu_small``) runs a few. Data: the real 3 mm sample CT and
-its labels (labeled) and a flipped crop of it (unlabeled), coarse-cached under benchmarks/data-cache.
+one iteration by default; the CPU recipes (``cpu_proposed``, ``cpu_default``) run a few. Data: the
+real 3 mm sample CT and its labels (labeled) and a flipped crop of it (unlabeled), coarse-cached
+under benchmarks/data-cache.
 
 Usage: python benchmarks/training_speed.py [--device cpu] [--threads 2]
-         [--recipes proposed:1 cpu_small:3] [--out benchmarks/results/training_speed.json]
+         [--recipes proposed:1 cpu_proposed:3 cpu_default:3] [--out benchmarks/results/training_speed.json]
 """
 
 from __future__ import annotations
@@ -100,7 +101,7 @@ def worker(recipe_name: str, iterations: int, device: str, threads: int) -> dict
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--recipes", nargs="+", default=["proposed:1", "cpu_small:3"],
+    parser.add_argument("--recipes", nargs="+", default=["proposed:1", "cpu_proposed:3", "cpu_default:3"],
                         help="RECIPE:ITERATIONS items (recipe name or YAML path)")
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda", "auto"])
     parser.add_argument("--threads", type=int, default=2)
