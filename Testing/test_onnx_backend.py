@@ -150,7 +150,10 @@ def tiny_bundle(tmp_path_factory):
     return make_tiny_bundle(tmp_path_factory.mktemp("bundle") / "tiny.safetensors", seed=3)
 
 
-def test_auto_backend_picks_onnx_on_cpu(tiny_bundle):
+def test_auto_backend_picks_onnx_on_cpu_without_openvino(tiny_bundle, monkeypatch):
+    from AbdomenKDSegLib import openvino_backend
+
+    monkeypatch.setattr(openvino_backend, "available", lambda: False)
     assert Predictor(tiny_bundle, device="cpu", backend="auto").backend == "onnx"
     assert Predictor(tiny_bundle, device="cpu", backend="torch").backend == "torch"
 

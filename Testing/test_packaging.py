@@ -184,7 +184,7 @@ def test_requirements_file_never_lists_slicer_packages_or_torch():
     raw = (MODULE / "Resources" / "requirements.txt").read_text(encoding="utf-8")
     names = {dependencies.canonical_name(dependencies.requirement_name(line))
              for line in raw.splitlines() if line.strip() and not line.lstrip().startswith("#")}
-    assert names == {"connected-components-3d", "fastremap", "safetensors", "onnxruntime"}
+    assert names == {"connected-components-3d", "fastremap", "safetensors", "onnxruntime", "openvino"}
     assert not names & {dependencies.canonical_name(p) for p in dependencies.PROTECTED}
 
 

@@ -693,7 +693,7 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     parser.add_argument("--model", default=None, help="AbdomenKDSeg bundle (default: the bundled model)")
-    parser.add_argument("--akd-backend", default="auto", choices=["auto", "torch", "onnx"])
+    parser.add_argument("--akd-backend", default="auto", choices=["auto", "torch", "onnx", "openvino"])
     parser.add_argument("--timeout", type=float, default=3600.0, help="seconds before a run is killed")
     parser.add_argument("--skip-minutes", type=float, default=10.0,
                         help="skip a run whose estimated time exceeds this (0: never skip)")

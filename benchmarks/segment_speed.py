@@ -11,9 +11,11 @@ Variants (``--variants``):
   torch       PyTorch, channels_last_3d on      (--backend torch, when the CLI has --backend)
   torch-nocl  PyTorch, channels_last_3d off     (--no-channels-last)
   onnx        ONNX Runtime CPU backend          (--backend onnx)
+  openvino    OpenVINO CPU backend              (--backend openvino)
 When the installed CLI has no ``--backend`` option, the torch/onnx variants run through this
 script's ``--child`` driver, which does exactly what ``cmd_segment`` does with a Predictor of that
-backend. Each variant is warmed up once on the sample CT first (not timed; fills the ONNX cache).
+backend. Each variant is warmed up once on the sample CT first (not timed; fills the ONNX and
+OpenVINO caches).
 
 Usage:
   python benchmarks/segment_speed.py                 # sample, 512x512x300, 512x512x800
@@ -37,7 +39,7 @@ from typing import Any, Optional, Sequence
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
 
-VARIANTS = ("default", "torch", "torch-nocl", "onnx")
+VARIANTS = ("default", "torch", "torch-nocl", "onnx", "openvino")
 #: Targets of issue 3 on a 2-core CPU: size -> (max seconds or None, max peak RSS in GB = 1e9 bytes).
 TARGETS = {"512x512x300": (15.0, 2.5), "512x512x800": (None, 4.0)}
 MIB_PER_GB = 1e9 / 2**20
@@ -83,7 +85,7 @@ def cli_has_backend_option() -> bool:
 def segment_command(variant: str, source: Path, target: Path, threads: int, device: str,
                     model: Optional[str], cli_backend: bool) -> list[str]:
     """The child command line of one variant."""
-    backend = {"torch": "torch", "torch-nocl": "torch", "onnx": "onnx"}.get(variant)
+    backend = {"torch": "torch", "torch-nocl": "torch", "onnx": "onnx", "openvino": "openvino"}.get(variant)
     use_cli = variant == "default" or cli_backend
     if use_cli:
         cmd = [sys.executable, "-m", "AbdomenKDSegLib.cli", "segment", str(source), str(target),
@@ -104,7 +106,7 @@ STAGE_RE = re.compile(r"([a-z_]+) ([0-9.]+)s")
 
 
 def parse_stages(stdout: str) -> dict[str, float]:
-    """Seconds per stage from the summary line 'device cpu; seconds: read 0.10s orient ...'."""
+    """Seconds per stage from the summary line 'device cpu, backend openvino; seconds: read 0.10s ...'."""
     for line in stdout.splitlines():
         if line.startswith("device ") and "seconds:" in line:
             body = line.split("seconds:", 1)[1].split(";")[0]
@@ -128,7 +130,7 @@ def measure(variant: str, size: str, source: Path, threads: int, args: argparse.
         "in_process_s": round(sum(stages.values()), 2) if stages else None,
         "stages_s": stages, "output_mb": out_mb, "ok": run.ok, "command": cmd,
     }
-    m = re.search(r"^backend (\w+)", run.stdout_tail, re.M)
+    m = re.search(r"^device \w+, backend (\w+);", run.stdout_tail, re.M)
     row["backend"] = m.group(1) if m else ("cli-default" if variant == "default" else variant)
     if not run.ok:
         row["error"] = ("killed: machine short of memory" if run.low_memory else "timeout" if run.timed_out
@@ -207,18 +209,20 @@ def window_bench(args: argparse.Namespace, threads_list: Sequence[int], reps: in
 
     import torch
 
-    from AbdomenKDSegLib import onnx_backend
+    from AbdomenKDSegLib import onnx_backend, openvino_backend
     from AbdomenKDSegLib.inference import Predictor
 
     configs = [("torch", True), ("torch", False)]
     if onnx_backend.available():
         configs.append(("onnx", True))
+    if openvino_backend.available():
+        configs.append(("openvino", True))
     runners, times = {}, {}
     x = torch.randn(1, 1, 96, 64, 96, generator=torch.Generator().manual_seed(0))
     for threads in threads_list:
         torch.set_num_threads(threads)
         for backend, cl in configs:
-            key = (backend if backend == "onnx" else f"torch-{'cl' if cl else 'nocl'}", threads)
+            key = (backend if backend != "torch" else f"torch-{'cl' if cl else 'nocl'}", threads)
             pred = Predictor(args.model, device="cpu", backend=backend, channels_last=cl)
             runners[key] = pred.runners["fine"]
             with torch.inference_mode():

@@ -73,7 +73,8 @@ def print_summary(result, stream=None) -> None:  # noqa: ANN001
         n = result.voxel_counts.get(organ.value, 0)
         lines.append(f"{organ.value:>5}  {organ.name:<22}{n:>12d}{volumes.get(organ.value, 0.0):>12.1f}")
     timing = "  ".join(f"{k} {v:.2f}s" for k, v in result.timings.items())
-    lines.append(f"device {result.device}; seconds: {timing}; total {sum(result.timings.values()):.2f}s")
+    total = sum(result.timings.values())
+    lines.append(f"device {result.device}, backend {result.backend}; seconds: {timing}; total {total:.2f}s")
     print("\n".join(lines), file=stream or sys.stdout)
 
 
@@ -182,8 +183,9 @@ def build_parser() -> argparse.ArgumentParser:
                      help="also write the coarse stage's result at full resolution here, to compare with the "
                           "fine one (a folder, one <case>.nii.gz per case, for a folder of cases); "
                           "not written with --no-fine, whose output already is the coarse result")
-    seg.add_argument("--backend", default="auto", choices=["auto", "torch", "onnx"],
-                     help="network runtime on the CPU: ONNX Runtime when installed (auto), or PyTorch")
+    seg.add_argument("--backend", default="auto", choices=["auto", "torch", "onnx", "openvino"],
+                     help="network runtime on the CPU: auto = OpenVINO, else ONNX Runtime, whichever is "
+                          "installed first, else PyTorch (the CUDA path always uses PyTorch)")
     seg.add_argument("--no-channels-last", action="store_true", help="disable channels_last_3d on CPU (torch)")
     seg.add_argument("--threads", type=int, default=None, help="CPU threads for PyTorch")
     seg.add_argument("-q", "--quiet", action="store_true", help="no progress bar or summary")

@@ -23,8 +23,9 @@ import os
 import threading
 import warnings
 from pathlib import Path
-from typing import Callable, Optional, Sequence
+from typing import Callable, Optional, Sequence, TypeVar
 
+import numpy as np
 import torch
 
 #: Environment variable naming the folder for exported ONNX graphs.
@@ -37,6 +38,7 @@ INPUT_NAME = "image"
 OUTPUT_NAME = "logits"
 
 Runner = Callable[[torch.Tensor], torch.Tensor]
+T = TypeVar("T")
 
 
 def available() -> bool:
@@ -171,16 +173,23 @@ def _new_session(model: bytes, threads: Optional[int]):  # noqa: ANN202
 
 def load_or_export(net: torch.nn.Module, window_zyx: Sequence[int], sha256: Optional[str], stage: str,
                    threads: Optional[int] = None):  # noqa: ANN201 (onnxruntime.InferenceSession)
-    """An ONNX Runtime session for ``stage``'s network, from the cache or a fresh export.
+    """An ONNX Runtime session for ``stage``'s network, from the cache or a fresh export."""
+    return cached_graph(net, window_zyx, sha256, stage, lambda model: _new_session(model, threads))
 
-    Without a ``sha256`` (weights not identified) nothing is cached. A cache file that ONNX Runtime
-    rejects is re-exported and overwritten; an unwritable cache folder leaves the graph in memory.
+
+def cached_graph(net: torch.nn.Module, window_zyx: Sequence[int], sha256: Optional[str], stage: str,
+                 load: Callable[[bytes], T]) -> T:
+    """``load(graph)`` of ``stage``'s exported ONNX graph, read from the cache or freshly exported.
+
+    Without a ``sha256`` (weights not identified) nothing is cached. A cached graph that ``load``
+    rejects (corrupt or truncated file) is re-exported and overwritten; an unwritable cache folder
+    leaves the graph in memory (RuntimeWarning). Shared by the ONNX Runtime and OpenVINO backends.
     """
     path = cache_dir() / cache_name(sha256, stage, window_zyx) if sha256 else None
     if path is not None and path.is_file():
         try:
-            return _new_session(path.read_bytes(), threads)
-        except Exception:  # corrupt or truncated cache file (onnxruntime raises its own types)
+            return load(path.read_bytes())
+        except Exception:  # corrupt or truncated cache file (runtimes raise their own types)
             pass
     model = export_onnx(net, window_zyx)
     if path is not None:
@@ -189,24 +198,49 @@ def load_or_export(net: torch.nn.Module, window_zyx: Sequence[int], sha256: Opti
         except OSError as exc:
             warnings.warn(f"cannot cache the ONNX graph in {path.parent} ({exc}); it is kept in memory",
                           RuntimeWarning, stacklevel=2)
-    return _new_session(model, threads)
-
-
-def _session_or_none(net: torch.nn.Module, window: tuple[int, ...], sha256: Optional[str], stage: str,
-                     threads: Optional[int]):  # noqa: ANN202
-    """:func:`load_or_export`, or None (with a RuntimeWarning) when export or loading fails."""
-    try:
-        return load_or_export(net, window, sha256, stage, threads)
-    except Exception as exc:  # exporter and onnxruntime raise many types; PyTorch still works
-        warnings.warn(f"the ONNX backend failed for the {stage} network ({type(exc).__name__}: {exc}); "
-                      "using PyTorch for it", RuntimeWarning, stacklevel=3)
-        return None
+    return load(model)
 
 
 def _device_of(net: torch.nn.Module) -> torch.device:
     for p in net.parameters():
         return p.device
     return torch.device("cpu")
+
+
+def graph_runner(net: torch.nn.Module, window_zyx: Sequence[int], stage: str, engine: str,
+                 create: Callable[[], Callable[[np.ndarray], np.ndarray]]) -> Runner:
+    """A :data:`Runner` over a compiled graph that ``create()`` builds on the first call.
+
+    ``create`` returns a function mapping the (1, 1, Z, Y, X) float32 numpy batch to logits
+    (1, C, Z, Y, X); softmax over C is applied here with PyTorch. If ``create`` fails, a
+    RuntimeWarning names ``engine`` and the cause and the runner uses PyTorch on ``net`` instead.
+    Raises ValueError for a batch that is not exactly (1, 1, *window_zyx).
+    """
+    window = tuple(int(n) for n in window_zyx)
+    state: dict[str, object] = {}
+    lock = threading.Lock()
+
+    def run(batch: torch.Tensor) -> torch.Tensor:
+        if tuple(batch.shape) != (1, 1) + window:
+            raise ValueError(f"the {engine} {stage} network takes a (1, 1, {window[0]}, {window[1]}, "
+                             f"{window[2]}) batch, got {tuple(batch.shape)}")
+        with lock:
+            if "infer" not in state:
+                try:
+                    state["infer"] = create()
+                except Exception as exc:  # exporters and runtimes raise many types; PyTorch still works
+                    warnings.warn(f"the {engine} backend failed for the {stage} network "
+                                  f"({type(exc).__name__}: {exc}); using PyTorch for it",
+                                  RuntimeWarning, stacklevel=2)
+                    state["infer"] = None
+        infer = state["infer"]
+        if infer is None:
+            with torch.inference_mode():
+                return torch.softmax(net(batch.to(_device_of(net))).float().cpu(), dim=1)
+        x = batch.detach().to("cpu", torch.float32).contiguous().numpy()
+        return torch.softmax(torch.from_numpy(np.ascontiguousarray(infer(x))), dim=1)  # type: ignore[operator]
+
+    return run
 
 
 def make_runner(net: torch.nn.Module, window_zyx: Sequence[int], sha256: Optional[str], stage: str,
@@ -221,24 +255,10 @@ def make_runner(net: torch.nn.Module, window_zyx: Sequence[int], sha256: Optiona
     """
     if not available():
         raise ImportError("the ONNX backend needs onnxruntime: pip install onnxruntime (or use backend='torch')")
-    window = tuple(int(n) for n in window_zyx)
-    state: dict[str, object] = {}
-    lock = threading.Lock()
 
-    def run(batch: torch.Tensor) -> torch.Tensor:
-        if tuple(batch.shape) != (1, 1) + window:
-            raise ValueError(f"the ONNX {stage} network takes a (1, 1, {window[0]}, {window[1]}, "
-                             f"{window[2]}) batch, got {tuple(batch.shape)}")
-        with lock:
-            if "session" not in state:
-                state["session"] = _session_or_none(net, window, sha256, stage, threads)
-                state["options"] = run_options()
-        session = state["session"]
-        if session is None:
-            with torch.inference_mode():
-                return torch.softmax(net(batch.to(_device_of(net))).float().cpu(), dim=1)
-        x = batch.detach().to("cpu", torch.float32).contiguous().numpy()
-        (logits,) = session.run([OUTPUT_NAME], {INPUT_NAME: x}, state["options"])  # type: ignore[attr-defined]
-        return torch.softmax(torch.from_numpy(logits), dim=1)
+    def create() -> Callable[[np.ndarray], np.ndarray]:
+        session = load_or_export(net, window_zyx, sha256, stage, threads)
+        options = run_options()
+        return lambda x: session.run([OUTPUT_NAME], {INPUT_NAME: x}, options)[0]
 
-    return run
+    return graph_runner(net, window_zyx, stage, "ONNX", create)

@@ -9,6 +9,7 @@ size, and the result equals a single whole-volume ``F.interpolate`` up to float 
 
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
 from typing import Iterator, Union
 
 import numpy as np
@@ -92,7 +93,8 @@ def resize_volume(
 
 
 def resize_argmax(
-    probabilities: ArrayLike, out_shape: tuple[int, int, int], slab: int = 16, chunk: int = 1 << 19
+    probabilities: ArrayLike, out_shape: tuple[int, int, int], slab: int = 16, chunk: int = 1 << 19,
+    threads: int | None = None,
 ) -> np.ndarray:
     """Argmax of the trilinear (align_corners=True) resize of probabilities (C, Z, Y, X) to ``out_shape``.
 
@@ -100,7 +102,9 @@ def resize_argmax(
     probability vector is a convex combination of theirs; if all of them share the same argmax,
     so does the combination. Only voxels in cells whose corners disagree (near organ borders) are
     interpolated, in chunks of ``chunk`` voxels, so the full-size C-channel map never exists and
-    the cost scales with the border area. Returns uint8 labels (Zo, Yo, Xo) on the CPU.
+    the cost scales with the border area. Slabs of ``slab`` output slices are processed by
+    ``threads`` threads (default ``torch.get_num_threads()``). Returns uint8 labels (Zo, Yo, Xo)
+    on the CPU.
     """
     if probabilities.ndim != 4:
         raise ValueError(f"expected (C, Z, Y, X) probabilities, got shape {tuple(probabilities.shape)}")
@@ -122,7 +126,8 @@ def resize_argmax(
     weight = (wz.numpy(), wy.numpy(), wx.numpy())
     labels_np, uniform_np = labels.numpy(), uniform.numpy()
     out = np.empty(tuple(int(s) for s in out_shape), dtype=np.uint8)
-    for z0 in range(0, out.shape[0], slab):
+
+    def fill_slab(z0: int) -> None:
         z = slice(z0, min(out.shape[0], z0 + slab))
         grid = np.ix_(lz[z], ly, lx)
         block = labels_np[grid]
@@ -131,6 +136,15 @@ def resize_argmax(
             iz, iy, ix = (v[c0:c0 + chunk] for v in voxels)
             block[iz, iy, ix] = _interpolated_argmax(flat, (iz + z0, iy, ix), base, step, weight)
         out[z] = block
+
+    starts = range(0, out.shape[0], slab)
+    workers = max(1, min(torch.get_num_threads() if threads is None else threads, len(starts)))
+    if workers == 1:
+        for z0 in starts:
+            fill_slab(z0)
+    else:  # numpy releases the GIL in these gathers and reductions; slabs are independent
+        with ThreadPoolExecutor(max_workers=workers) as pool:
+            list(pool.map(fill_slab, starts))
     return out
 
 
