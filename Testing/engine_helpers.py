@@ -27,6 +27,29 @@ def make_tiny_bundle(path: Path, seed: int = 0, base_features: int = 4, trained:
     return save_bundle(path, coarse, fine, cfg, cfg, {"trained": trained, "description": "tiny test bundle"})
 
 
+def tiny_student(seed: int = 0) -> torch.nn.Module:
+    """A 3-stage student of 4..16 features in eval mode: the CPU runtime backends' test network."""
+    torch.manual_seed(seed)
+    return build_network(student_config(base_features=4, max_features=16, n_stages=3)).eval()
+
+
+def torch_probabilities(net: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """PyTorch's eager softmax probabilities of ``net`` on ``x``: the reference for other runtimes."""
+    with torch.inference_mode():
+        return torch.softmax(net(x), dim=1)
+
+
+def private_runtime_cache(tmp_path: Path, monkeypatch):  # noqa: ANN201 (generator)
+    """Body of an autouse fixture: an empty graph cache per test and one torch thread meanwhile."""
+    from AbdomenKDSegLib import onnx_backend
+
+    monkeypatch.setenv(onnx_backend.CACHE_ENV, str(tmp_path / "cache"))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def synthetic_ct(size_xyz=(40, 36, 24), spacing=(2.0, 2.0, 3.0), seed: int = 0) -> sitk.Image:
     """A small CT-like phantom: air outside, a soft-tissue ellipsoid body with a brighter blob (HU)."""
     rng = np.random.default_rng(seed)

@@ -16,7 +16,7 @@ from AbdomenKDSegLib import onnx_backend
 from AbdomenKDSegLib.inference import Predictor
 from AbdomenKDSegLib.networks import build_network, student_config
 
-from engine_helpers import SAMPLE_CT, make_tiny_bundle
+from engine_helpers import SAMPLE_CT, make_tiny_bundle, private_runtime_cache, tiny_student, torch_probabilities
 
 pytestmark = pytest.mark.skipif(
     not onnx_backend.available(), reason="onnxruntime is not installed (pip install -e '.[onnx]')"
@@ -29,21 +29,7 @@ SHA = "0123456789abcdef" * 4
 @pytest.fixture(autouse=True)
 def _private_cache(tmp_path, monkeypatch):
     """Every test gets an empty graph cache and one thread (the test machine has 2 shared cores)."""
-    monkeypatch.setenv(onnx_backend.CACHE_ENV, str(tmp_path / "cache"))
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-def tiny_student(seed: int = 0) -> torch.nn.Module:
-    torch.manual_seed(seed)
-    return build_network(student_config(base_features=4, max_features=16, n_stages=3)).eval()
-
-
-def torch_probabilities(net: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
-    with torch.inference_mode():
-        return torch.softmax(net(x), dim=1)
+    yield from private_runtime_cache(tmp_path, monkeypatch)
 
 
 def test_available_is_true_when_onnxruntime_imports():

@@ -17,7 +17,7 @@ from AbdomenKDSegLib import onnx_backend, openvino_backend
 from AbdomenKDSegLib.inference import BACKENDS, Predictor
 from AbdomenKDSegLib.networks import build_network, student_config
 
-from engine_helpers import SAMPLE_CT, make_tiny_bundle
+from engine_helpers import SAMPLE_CT, make_tiny_bundle, private_runtime_cache, tiny_student, torch_probabilities
 
 pytestmark = pytest.mark.skipif(
     not openvino_backend.available(), reason="openvino is not installed (pip install -e '.[openvino]')"
@@ -31,22 +31,8 @@ TOLERANCE = 1e-3
 
 @pytest.fixture(autouse=True)
 def _private_cache(tmp_path, monkeypatch):
-    """Every test gets empty caches and one thread (the test machine has 2 shared cores)."""
-    monkeypatch.setenv(onnx_backend.CACHE_ENV, str(tmp_path / "cache"))
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-def tiny_student(seed: int = 0) -> torch.nn.Module:
-    torch.manual_seed(seed)
-    return build_network(student_config(base_features=4, max_features=16, n_stages=3)).eval()
-
-
-def torch_probabilities(net: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
-    with torch.inference_mode():
-        return torch.softmax(net(x), dim=1)
+    """Every test gets an empty graph cache and one thread (the test machine has 2 shared cores)."""
+    yield from private_runtime_cache(tmp_path, monkeypatch)
 
 
 def test_tiny_student_probabilities_match_pytorch():
