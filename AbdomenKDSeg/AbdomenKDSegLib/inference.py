@@ -148,7 +148,7 @@ class Predictor:
     ``device`` is "auto", "cpu" or "cuda"; ``progress`` receives (stage, fraction) updates.
     ``backend`` "auto" runs the networks on the CPU with OpenVINO when it is installed, else with
     ONNX Runtime when that is (both several times faster than PyTorch for the depthwise
-    convolutions; probabilities equal to PyTorch's within ~1e-4), else with PyTorch, which also
+    convolutions; probabilities equal to PyTorch's within 1e-4 and 1e-3), else with PyTorch, which also
     is the CUDA path; "torch", "onnx" and "openvino" force one (CPU only for the last two).
     """
 
