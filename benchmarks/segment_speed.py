@@ -130,6 +130,8 @@ def measure(variant: str, size: str, source: Path, threads: int, args: argparse.
         "in_process_s": round(sum(stages.values()), 2) if stages else None,
         "stages_s": stages, "output_mb": out_mb, "ok": run.ok, "command": cmd,
     }
+    gpu = re.search(r"GPU peak ([0-9.]+) MiB", run.stdout_tail)
+    row["gpu_peak_mb"] = float(gpu.group(1)) if gpu else None
     m = re.search(r"^device \w+, backend (\w+);", run.stdout_tail, re.M)
     row["backend"] = m.group(1) if m else ("cli-default" if variant == "default" else variant)
     if not run.ok:
@@ -144,7 +146,7 @@ def check_targets(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Best (fastest) successful run per size against TARGETS."""
     verdicts = []
     for size, (max_s, max_gb) in TARGETS.items():
-        done = [r for r in rows if r["size"] == size and r["ok"]]
+        done = [r for r in rows if r["size"] == size and r["ok"] and r.get("gpu_peak_mb") is None]  # CPU runs
         if not done:
             continue
         best = min(done, key=lambda r: r["seconds"])
@@ -311,6 +313,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     columns = [("size", "input (XxYxZ)"), ("variant", "variant"), ("backend", "backend"),
                ("threads", "threads"), ("seconds", "seconds"), ("peak_rss_mb", "peak RSS MiB"),
                ("read_s", "read"), ("coarse_s", "coarse"), ("fine_s", "fine"), ("write_s", "write")]
+    if any(r.get("gpu_peak_mb") is not None for r in rows):
+        columns.insert(6, ("gpu_peak_mb", "GPU peak MiB"))
     print()
     table = common.print_table(rows, columns)
     verdicts = check_targets(rows)

@@ -69,6 +69,8 @@ def worker(recipe_name: str, iterations: int, device: str, threads: int) -> dict
     files = find_cases(prepare_data(DATA_CACHE / "training-data"))
     cases = build_coarse_cache(list(files.labeled + files.unlabeled), DATA_CACHE / "training-cache", recipe)
     dev = torch.device("cuda" if device == "cuda" or (device == "auto" and torch.cuda.is_available()) else "cpu")
+    if dev.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(dev)
     with tempfile.TemporaryDirectory() as tmp:
         trainer = StageTrainer("coarse", recipe, cases[:1], cases[1:], Path(tmp), dev, progress=False)
         params = {role: count_parameters(net) for role, net in trainer.nets.items()}
@@ -96,6 +98,8 @@ def worker(recipe_name: str, iterations: int, device: str, threads: int) -> dict
         "mean_iteration_s": round(sum(r["iteration_s"] for r in timed) / len(timed), 3),
         "mean_augment_s": round(sum(r["augment_s"] for r in timed) / len(timed), 3),
         "epochs_per_stage": recipe.epochs,
+        "gpu_peak_mb": round(torch.cuda.max_memory_allocated(dev) / 2**20) if dev.type == "cuda" else None,
+        "gpu": torch.cuda.get_device_name(dev) if dev.type == "cuda" else None,
     }
 
 
@@ -143,12 +147,14 @@ def main(argv=None) -> int:
             "T2_M": p.get("T2", 0) / 1e6, "total_M": r["params_total"] / 1e6, "paper_M": PAPER_TRAINING_PARAMS_M,
             "iters": len(r["iterations"]), "s_per_iter": r["mean_iteration_s"], "augment_s": r["mean_augment_s"],
             "peak_gb": r["peak_rss_mb"] / 1024,
+            "gpu_gb": r["gpu_peak_mb"] / 1024 if r.get("gpu_peak_mb") is not None else None,
         })
     print_table(table, [("recipe", "recipe"), ("device", "device"), ("threads", "threads"),
                         ("S_M", "S (M params)"), ("T1_M", "T1 (M)"), ("T2_M", "T2 (M)"),
                         ("total_M", "S+T1+T2 (M)"), ("paper_M", "paper (M)"), ("iters", "iterations"),
                         ("s_per_iter", "s / iteration"), ("augment_s", "of which augment s"),
-                        ("peak_gb", "peak RSS GB")])
+                        ("peak_gb", "peak RSS GB")]
+                + ([("gpu_gb", "GPU peak GB")] if any(t.get("gpu_gb") is not None for t in table) else []))
     write_json({"benchmark": "training_speed", "machine": machine_info(),
                 "paper_training_params_M": PAPER_TRAINING_PARAMS_M, "results": results}, args.out)
     print(f"wrote {args.out}")

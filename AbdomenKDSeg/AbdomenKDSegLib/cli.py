@@ -74,7 +74,10 @@ def print_summary(result, stream=None) -> None:  # noqa: ANN001
         lines.append(f"{organ.value:>5}  {organ.name:<22}{n:>12d}{volumes.get(organ.value, 0.0):>12.1f}")
     timing = "  ".join(f"{k} {v:.2f}s" for k, v in result.timings.items())
     total = sum(result.timings.values())
-    lines.append(f"device {result.device}, backend {result.backend}; seconds: {timing}; total {total:.2f}s")
+    line = f"device {result.device}, backend {result.backend}; seconds: {timing}; total {total:.2f}s"
+    if getattr(result, "gpu_peak_mb", None) is not None:
+        line += f"; GPU peak {result.gpu_peak_mb:.0f} MiB"
+    lines.append(line)
     print("\n".join(lines), file=stream or sys.stdout)
 
 

@@ -72,6 +72,8 @@ class PredictionInfo:
     warnings: list[str] = field(default_factory=list)
     coarse_labels: np.ndarray | None = None
     coarse_image: sitk.Image | None = None
+    #: peak GPU memory allocated by PyTorch during the prediction, MiB (None on the CPU)
+    gpu_peak_mb: float | None = None
 
 
 @dataclass
@@ -88,6 +90,8 @@ class SegmentationResult:
     coarse_output_path: Path | None = None
     #: network runtime used: "torch", "onnx" or "openvino"
     backend: str = "torch"
+    #: peak GPU memory allocated by PyTorch during the prediction, MiB (None on the CPU)
+    gpu_peak_mb: float | None = None
 
     def volumes_ml(self) -> dict[int, float]:
         """Volume of each organ present, in millilitres."""
@@ -305,6 +309,9 @@ class Predictor:
         ``info.coarse_labels`` (same shape and dtype), costing one more full-size resize + argmax.
         """
         info = PredictionInfo(device=self.device.type)
+        on_gpu = self.device.type == "cuda"
+        if on_gpu:
+            torch.cuda.reset_peak_memory_stats(self.device)
         t0 = time.perf_counter()
         coarse_probs, coarse_labels = self.predict_coarse(canonical)
         info.timings["coarse"] = time.perf_counter() - t0
@@ -329,6 +336,8 @@ class Predictor:
         else:
             out[:] = self.coarse_full_resolution(coarse_probs, canonical.shape)
             info.timings["upsample"] = time.perf_counter() - t0
+        if on_gpu and self.device.type == "cuda":  # (not after a fallback to the CPU)
+            info.gpu_peak_mb = torch.cuda.max_memory_allocated(self.device) / 2**20
         info.device = self.device.type
         info.backend = self.backend
         return out, info
@@ -424,7 +433,8 @@ def segment_file(
     counts = {int(v): int(n) for v, n in zip(values, sizes) if int(v) in BY_VALUE}
     voxel_ml = float(np.prod(labels.GetSpacing())) / 1000.0
     timings = {"read": t_read, **info.timings, "write": t_write}
-    return SegmentationResult(out, info.device, timings, counts, voxel_ml, messages, coarse_out, info.backend)
+    return SegmentationResult(out, info.device, timings, counts, voxel_ml, messages, coarse_out, info.backend,
+                              info.gpu_peak_mb)
 
 
 def _check_output_file(path: Path) -> None:
