@@ -5,6 +5,8 @@ from __future__ import annotations
 import shutil
 import subprocess
 import sys
+import textwrap
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -137,6 +139,29 @@ def test_console_script_entry_point(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "AbdomenKDSegLib.cli", "segment", tmp_path / "x.nii.gz",
                            tmp_path / "y.nii.gz"], capture_output=True, text=True)
     assert proc.returncode == 1 and proc.stderr.strip() == f"error: input not found: {tmp_path / 'x.nii.gz'}"
+
+
+def test_console_script_is_the_fast_exit_entry():
+    import tomllib
+
+    scripts = tomllib.loads((Path(__file__).resolve().parents[1] / "pyproject.toml").read_text())["project"]["scripts"]
+    assert scripts["abdomen-kdseg"] == "AbdomenKDSegLib.cli:console_main"
+
+
+def test_exit_now_finishes_threads_handlers_and_output_first():
+    code = textwrap.dedent("""
+        import atexit, threading, time
+        from concurrent.futures import ThreadPoolExecutor
+        from AbdomenKDSegLib.process_exit import exit_now
+        ThreadPoolExecutor(1).submit(int)  # an idle worker never shut down (as OpenVINO's telemetry leaves)
+        atexit.register(lambda: print("atexit ran"))
+        threading.Thread(target=lambda: (time.sleep(0.3), print("thread done"))).start()
+        print("buffered", end="")
+        exit_now(3)
+    """)
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 3
+    assert proc.stdout == "bufferedthread done\natexit ran\n"
 
 
 def test_huge_volume_warns_before_work(monkeypatch):

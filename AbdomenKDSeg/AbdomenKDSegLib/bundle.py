@@ -28,7 +28,7 @@ from safetensors.torch import load_file, save_file
 
 from .errors import BundleError
 from .image_io import make_temp_beside
-from .networks import NetworkConfig, build_network
+from .networks import NetworkConfig, ResidualUSENet
 from .organs import NUM_CLASSES, ORGANS
 
 FORMAT = "abdomen-kdseg-bundle"
@@ -202,7 +202,8 @@ def _build_stage(
         raise BundleError(
             f"model bundle {path}: {stage} network has {config.num_classes} outputs, expected {NUM_CLASSES}"
         )
-    net = build_network(config)
+    with torch.device("meta"):  # no memory and no random initialisation: the weights replace it all
+        net = ResidualUSENet(config)
     prefix = f"{stage}."
     state = {k[len(prefix):]: v.float() if v.is_floating_point() else v for k, v in tensors.items()
              if k.startswith(prefix)}
@@ -224,5 +225,5 @@ def _build_stage(
             f"model bundle {path}: {stage} weights do not match the architecture {config.to_dict()}: "
             + "; ".join(details)
         )
-    net.load_state_dict(state, strict=True)
+    net.load_state_dict(state, strict=True, assign=True)
     return net.to(device).eval()

@@ -245,5 +245,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
 
 
+def console_main() -> None:
+    """The ``abdomen-kdseg`` console script and ``python -m AbdomenKDSegLib.cli``: :func:`main`,
+    then the process ends at once (:func:`process_exit.exit_now`; saves ~0.7 s per run)."""
+    from .process_exit import exit_now
+
+    exit_now(main())
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    console_main()

@@ -208,11 +208,12 @@ def _device_of(net: torch.nn.Module) -> torch.device:
 
 
 def graph_runner(net: torch.nn.Module, window_zyx: Sequence[int], stage: str, engine: str,
-                 create: Callable[[], Callable[[np.ndarray], np.ndarray]]) -> Runner:
+                 create: Callable[[], Callable[[np.ndarray], np.ndarray]], softmax: bool = True) -> Runner:
     """A :data:`Runner` over a compiled graph that ``create()`` builds on the first call.
 
     ``create`` returns a function mapping the (1, 1, Z, Y, X) float32 numpy batch to logits
-    (1, C, Z, Y, X); softmax over C is applied here with PyTorch. If ``create`` fails, a
+    (1, C, Z, Y, X); softmax over C is applied here with PyTorch (``softmax=False``: the graph
+    already returns probabilities). If ``create`` fails, a
     RuntimeWarning names ``engine`` and the cause and the runner uses PyTorch on ``net`` instead.
     Raises ValueError for a batch that is not exactly (1, 1, *window_zyx).
     """
@@ -238,7 +239,8 @@ def graph_runner(net: torch.nn.Module, window_zyx: Sequence[int], stage: str, en
             with torch.inference_mode():
                 return torch.softmax(net(batch.to(_device_of(net))).float().cpu(), dim=1)
         x = batch.detach().to("cpu", torch.float32).contiguous().numpy()
-        return torch.softmax(torch.from_numpy(np.ascontiguousarray(infer(x))), dim=1)  # type: ignore[operator]
+        out = torch.from_numpy(np.ascontiguousarray(infer(x)))  # type: ignore[operator]
+        return torch.softmax(out, dim=1) if softmax else out
 
     return run
 
