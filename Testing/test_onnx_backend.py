@@ -3,6 +3,7 @@
 Expectations are PyTorch's own eager results on the same weights (softmax of the network's logits),
 and cache behaviour observable on disk. Skipped as a whole when onnxruntime is not installed
 (``pip install -e '.[onnx]'``).
+What both runtime backends share is tested on both in test_runtime_backends.py.
 """
 
 from __future__ import annotations
@@ -34,17 +35,6 @@ def _private_cache(tmp_path, monkeypatch):
 
 def test_available_is_true_when_onnxruntime_imports():
     assert onnx_backend.available() is True
-
-
-def test_tiny_student_probabilities_match_pytorch():
-    net = tiny_student()
-    x = torch.randn((1, 1) + TINY_WINDOW, generator=torch.Generator().manual_seed(1))
-    probs = onnx_backend.make_runner(net, TINY_WINDOW, SHA, "coarse")(x)
-    expected = torch_probabilities(net, x)
-    assert probs.dtype == torch.float32 and probs.device.type == "cpu"
-    assert tuple(probs.shape) == (1, 14) + TINY_WINDOW
-    torch.testing.assert_close(probs.sum(dim=1), torch.ones((1,) + TINY_WINDOW), atol=1e-5, rtol=0)
-    assert (probs - expected).abs().max().item() < 1e-4
 
 
 @pytest.mark.slow
@@ -100,35 +90,6 @@ def test_no_hash_means_no_cache_file():
     net = tiny_student()
     onnx_backend.make_runner(net, TINY_WINDOW, None, "coarse")(torch.randn((1, 1) + TINY_WINDOW))
     assert not onnx_backend.cache_dir().exists() or not list(onnx_backend.cache_dir().iterdir())
-
-
-def test_unwritable_cache_folder_falls_back_to_memory(tmp_path, monkeypatch):
-    blocker = tmp_path / "a-file"
-    blocker.write_text("a file where the cache folder would be")
-    monkeypatch.setenv(onnx_backend.CACHE_ENV, str(blocker / "cache"))
-    net = tiny_student()
-    x = torch.randn((1, 1) + TINY_WINDOW)
-    with pytest.warns(RuntimeWarning, match="cannot cache the ONNX graph"):
-        probs = onnx_backend.make_runner(net, TINY_WINDOW, SHA, "coarse")(x)
-    assert (probs - torch_probabilities(net, x)).abs().max().item() < 1e-4
-
-
-def test_failed_export_falls_back_to_pytorch(monkeypatch):
-    def broken_export(*args, **kwargs):
-        raise RuntimeError("unsupported operator")
-
-    monkeypatch.setattr(onnx_backend, "export_onnx", broken_export)
-    net = tiny_student()
-    x = torch.randn((1, 1) + TINY_WINDOW)
-    with pytest.warns(RuntimeWarning, match="unsupported operator"):
-        probs = onnx_backend.make_runner(net, TINY_WINDOW, SHA, "fine")(x)
-    torch.testing.assert_close(probs, torch_probabilities(net, x), atol=1e-6, rtol=0)
-
-
-def test_wrong_batch_shape_is_refused():
-    runner = onnx_backend.make_runner(tiny_student(), TINY_WINDOW, SHA, "coarse")
-    with pytest.raises(ValueError, match="16, 16, 32"):
-        runner(torch.zeros(1, 1, 16, 16, 16))
 
 
 @pytest.fixture(scope="module")

@@ -1,0 +1,88 @@
+"""What the ONNX Runtime and OpenVINO backends share, tested on both: probabilities equal to
+PyTorch's, the in-memory fallback of an unwritable cache, the PyTorch fallback when the runtime
+fails, and the refusal of a batch of another shape. Each backend is skipped when not installed;
+their own behaviour (caches, selection, label maps on the sample CT) is in test_onnx_backend.py
+and test_openvino_backend.py."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from types import ModuleType
+
+import pytest
+import torch
+
+from AbdomenKDSegLib import onnx_backend, openvino_backend
+
+from engine_helpers import private_runtime_cache, tiny_student, torch_probabilities
+
+TINY_WINDOW = (16, 16, 32)
+SHA = "00112233445566778899aabbccddeeff" * 2
+
+
+@dataclass(frozen=True)
+class Backend:
+    module: ModuleType
+    engine: str  #: the name its warnings use
+    tolerance: float  #: largest probability difference accepted against PyTorch
+    breakable: str  #: the step whose failure must fall back to PyTorch
+
+
+BACKENDS = {
+    "onnx": Backend(onnx_backend, "ONNX", 1e-4, "export_onnx"),
+    # oneDNN sums in another order than PyTorch: within 1e-3 rather than bit for bit
+    "openvino": Backend(openvino_backend, "OpenVINO", 1e-3, "compile_graph"),
+}
+
+
+@pytest.fixture(params=sorted(BACKENDS))
+def backend(request) -> Backend:
+    chosen = BACKENDS[request.param]
+    if not chosen.module.available():
+        pytest.skip(f"{request.param} is not installed (pip install -e '.[{request.param}]')")
+    return chosen
+
+
+@pytest.fixture(autouse=True)
+def _private_cache(tmp_path, monkeypatch):
+    """Every test gets an empty graph cache and one thread (the test machine has 2 shared cores)."""
+    yield from private_runtime_cache(tmp_path, monkeypatch)
+
+
+def test_tiny_student_probabilities_match_pytorch(backend):
+    net = tiny_student()
+    x = torch.randn((1, 1) + TINY_WINDOW, generator=torch.Generator().manual_seed(1))
+    probs = backend.module.make_runner(net, TINY_WINDOW, SHA, "coarse")(x)
+    assert probs.dtype == torch.float32 and probs.device.type == "cpu"
+    assert tuple(probs.shape) == (1, 14) + TINY_WINDOW
+    torch.testing.assert_close(probs.sum(dim=1), torch.ones((1,) + TINY_WINDOW), atol=1e-5, rtol=0)
+    assert (probs - torch_probabilities(net, x)).abs().max().item() < backend.tolerance
+
+
+def test_unwritable_cache_folder_keeps_the_graph_in_memory(backend, tmp_path, monkeypatch):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("a file where the cache folder would be")
+    monkeypatch.setenv(onnx_backend.CACHE_ENV, str(blocker / "cache"))
+    net = tiny_student()
+    x = torch.randn((1, 1) + TINY_WINDOW)
+    with pytest.warns(RuntimeWarning, match="cannot cache the ONNX graph"):
+        probs = backend.module.make_runner(net, TINY_WINDOW, SHA, "coarse")(x)
+    assert (probs - torch_probabilities(net, x)).abs().max().item() < backend.tolerance
+
+
+def test_runtime_failure_falls_back_to_pytorch(backend, monkeypatch):
+    def broken(*args, **kwargs):
+        raise RuntimeError("no such operator here")
+
+    monkeypatch.setattr(backend.module, backend.breakable, broken)
+    net = tiny_student()
+    x = torch.randn((1, 1) + TINY_WINDOW)
+    with pytest.warns(RuntimeWarning, match=f"{backend.engine} backend failed for the fine network.*no such operator"):
+        probs = backend.module.make_runner(net, TINY_WINDOW, SHA, "fine")(x)
+    torch.testing.assert_close(probs, torch_probabilities(net, x), atol=1e-6, rtol=0)
+
+
+def test_batch_of_another_shape_is_refused(backend):
+    runner = backend.module.make_runner(tiny_student(), TINY_WINDOW, SHA, "coarse")
+    with pytest.raises(ValueError, match=rf"{backend.engine} coarse network takes a \(1, 1, 16, 16, 32\)"):
+        runner(torch.zeros(1, 1, 16, 16, 16))
