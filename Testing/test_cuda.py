@@ -72,6 +72,27 @@ def test_trained_model_on_cuda_agrees_with_the_cpu():
     assert min(dices.values()) > 0.999
 
 
+def test_cuda_out_of_memory_retries_on_the_cpu():
+    """A GPU too small for one window: a DeviceFallbackWarning, then PyTorch's CPU result."""
+    from AbdomenKDSegLib.image_io import read_image
+    from AbdomenKDSegLib.inference import DeviceFallbackWarning, Predictor
+
+    image = read_image(SAMPLE_CT)
+    expected, _ = Predictor(device="cpu", backend="torch").predict(image)
+    predictor = Predictor(device="cuda")  # the weights (~40 MB) are on the GPU now
+    torch.cuda.empty_cache()
+    total = torch.cuda.get_device_properties(0).total_memory
+    torch.cuda.set_per_process_memory_fraction((torch.cuda.memory_allocated() + 32 * 2**20) / total)
+    try:
+        with pytest.warns(DeviceFallbackWarning, match="CUDA ran out of memory; retrying on the CPU"):
+            labels, info = predictor.predict(image)
+    finally:
+        torch.cuda.set_per_process_memory_fraction(1.0)
+    assert info.device == "cpu" and info.gpu_peak_mb is None and predictor.device.type == "cpu"
+    a, b = sitk.GetArrayFromImage(expected), sitk.GetArrayFromImage(labels)
+    assert (a != b).mean() < 1e-5
+
+
 def test_segment_file_on_cuda_reports_gpu_memory(tmp_path, capsys):
     from AbdomenKDSegLib.cli import print_summary
     from AbdomenKDSegLib.inference import segment_file
