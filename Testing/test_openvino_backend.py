@@ -14,7 +14,7 @@ import pytest
 import SimpleITK as sitk
 import torch
 
-from AbdomenKDSegLib import onnx_backend, openvino_backend
+from AbdomenKDSegLib import openvino_backend
 from AbdomenKDSegLib.inference import BACKENDS, Predictor
 from AbdomenKDSegLib.networks import build_network, student_config
 
@@ -61,33 +61,6 @@ def test_real_size_student_window_matches_pytorch():
     expected = torch_probabilities(net, x)
     assert (probs - expected).abs().max().item() < TOLERANCE
     assert (probs.argmax(dim=1) == expected.argmax(dim=1)).float().mean().item() > 0.9999
-
-
-def test_shares_the_onnx_graph_cache_and_fills_its_compiled_cache(monkeypatch):
-    net = tiny_student()
-    x = torch.randn((1, 1) + TINY_WINDOW)
-    first = openvino_backend.make_runner(net, TINY_WINDOW, SHA, "fine")(x)
-    graphs = list(onnx_backend.cache_dir().glob("*.onnx"))
-    assert [f.name for f in graphs] == [onnx_backend.cache_name(SHA, "fine", TINY_WINDOW)]
-    assert any((onnx_backend.cache_dir() / "openvino").iterdir())  # OpenVINO's compiled blob
-
-    def no_export(*args, **kwargs):
-        raise AssertionError("the cached graph should have been used")
-
-    monkeypatch.setattr(onnx_backend, "export_onnx", no_export)
-    second = openvino_backend.make_runner(net, TINY_WINDOW, SHA, "fine")(x)
-    torch.testing.assert_close(first, second, atol=0, rtol=0)
-
-
-def test_corrupt_cached_graph_is_replaced():
-    net = tiny_student()
-    path = onnx_backend.cache_dir() / onnx_backend.cache_name(SHA, "coarse", TINY_WINDOW)
-    path.parent.mkdir(parents=True)
-    path.write_bytes(b"not an onnx graph")
-    x = torch.randn((1, 1) + TINY_WINDOW)
-    probs = openvino_backend.make_runner(net, TINY_WINDOW, SHA, "coarse")(x)
-    assert (probs - torch_probabilities(net, x)).abs().max().item() < TOLERANCE
-    assert path.stat().st_size > 1000
 
 
 @pytest.fixture(scope="module")

@@ -1,6 +1,7 @@
 """What the ONNX Runtime and OpenVINO backends share, tested on both: probabilities equal to
-PyTorch's, the in-memory fallback of an unwritable cache, the PyTorch fallback when the runtime
-fails, and the refusal of a batch of another shape. Each backend is skipped when not installed;
+PyTorch's, one exported graph cached on disk and reused (OpenVINO also keeps its compiled blob), a
+corrupt cache file replaced, the in-memory fallback of an unwritable cache, the PyTorch fallback
+when the runtime fails, and the refusal of a batch of another shape. Each backend is skipped when not installed;
 their own behaviour (caches, selection, label maps on the sample CT) is in test_onnx_backend.py
 and test_openvino_backend.py."""
 
@@ -57,6 +58,35 @@ def test_tiny_student_probabilities_match_pytorch(backend):
     assert tuple(probs.shape) == (1, 14) + TINY_WINDOW
     torch.testing.assert_close(probs.sum(dim=1), torch.ones((1,) + TINY_WINDOW), atol=1e-5, rtol=0)
     assert (probs - torch_probabilities(net, x)).abs().max().item() < backend.tolerance
+
+
+def test_graph_is_cached_once_and_reused(backend, monkeypatch):
+    net = tiny_student()
+    x = torch.randn((1, 1) + TINY_WINDOW)
+    first = backend.module.make_runner(net, TINY_WINDOW, SHA, "fine")(x)
+    graphs = list(onnx_backend.cache_dir().glob("*.onnx"))
+    assert [f.name for f in graphs] == [onnx_backend.cache_name(SHA, "fine", TINY_WINDOW)]
+    assert not list(onnx_backend.cache_dir().glob("*.tmp"))  # the atomic write left nothing behind
+    if backend.module is openvino_backend:
+        assert any((onnx_backend.cache_dir() / "openvino").iterdir())  # OpenVINO's compiled blob
+
+    def no_export(*args, **kwargs):
+        raise AssertionError("the cached graph should have been used")
+
+    monkeypatch.setattr(onnx_backend, "export_onnx", no_export)
+    second = backend.module.make_runner(net, TINY_WINDOW, SHA, "fine")(x)
+    torch.testing.assert_close(first, second, atol=0, rtol=0)
+
+
+def test_corrupt_cache_file_is_replaced(backend):
+    net = tiny_student()
+    path = onnx_backend.cache_dir() / onnx_backend.cache_name(SHA, "coarse", TINY_WINDOW)
+    path.parent.mkdir(parents=True)
+    path.write_bytes(b"not an onnx graph")
+    x = torch.randn((1, 1) + TINY_WINDOW)
+    probs = backend.module.make_runner(net, TINY_WINDOW, SHA, "coarse")(x)
+    assert (probs - torch_probabilities(net, x)).abs().max().item() < backend.tolerance
+    assert path.stat().st_size > 1000
 
 
 def test_unwritable_cache_folder_keeps_the_graph_in_memory(backend, tmp_path, monkeypatch):
