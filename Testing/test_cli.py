@@ -142,7 +142,7 @@ def test_console_script_entry_point(tmp_path):
 
 
 def test_console_script_is_the_fast_exit_entry():
-    import tomllib
+    tomllib = pytest.importorskip("tomllib")  # Python >= 3.11
 
     scripts = tomllib.loads((Path(__file__).resolve().parents[1] / "pyproject.toml").read_text())["project"]["scripts"]
     assert scripts["abdomen-kdseg"] == "AbdomenKDSegLib.cli:console_main"
