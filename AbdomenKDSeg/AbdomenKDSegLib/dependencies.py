@@ -20,7 +20,7 @@ PROTECTED = ("numpy", "SimpleITK", "vtk", "torch")
 #: Distributions whose installed version is pinned while installing requirements.
 PINNED = ("numpy", "SimpleITK", "vtk")
 #: Minimum torch version the engine needs.
-TORCH_REQUIREMENT = ">=2.0"
+TORCH_REQUIREMENT = ">=2.1"  # load_state_dict(assign=True) of bundle.py
 
 _NAME = re.compile(r"^\s*([A-Za-z0-9][A-Za-z0-9._-]*)")
 
