@@ -19,9 +19,10 @@ from test_training_loop import data_dir, synthetic_cases, tiny_recipe, weights_o
 from AbdomenKDSegLib.depthwise_conv import DepthwiseConv3d
 from AbdomenKDSegLib.training.trainer import StageTrainer
 
+from engine_helpers import SAMPLE_CT
+
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 REPO = Path(__file__).resolve().parents[1]
-SAMPLE_CT = REPO.parent / "shared" / "data" / "ct-abdomen-3mm" / "image.nii.gz"
 
 
 @pytest.fixture

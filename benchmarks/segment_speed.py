@@ -132,8 +132,9 @@ def measure(variant: str, size: str, source: Path, threads: int, args: argparse.
     }
     gpu = re.search(r"GPU peak ([0-9.]+) MiB", run.stdout_tail)
     row["gpu_peak_mb"] = float(gpu.group(1)) if gpu else None
-    m = re.search(r"^device \w+, backend (\w+);", run.stdout_tail, re.M)
-    row["backend"] = m.group(1) if m else ("cli-default" if variant == "default" else variant)
+    m = re.search(r"^device (\w+), backend (\w+);", run.stdout_tail, re.M)
+    row["device"] = m.group(1) if m else None
+    row["backend"] = m.group(2) if m else ("cli-default" if variant == "default" else variant)
     if not run.ok:
         row["error"] = ("killed: machine short of memory" if run.low_memory else "timeout" if run.timed_out
                         else run.stderr_tail[-1500:])
@@ -146,7 +147,7 @@ def check_targets(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Best (fastest) successful run per size against TARGETS."""
     verdicts = []
     for size, (max_s, max_gb) in TARGETS.items():
-        done = [r for r in rows if r["size"] == size and r["ok"] and r.get("gpu_peak_mb") is None]  # CPU runs
+        done = [r for r in rows if r["size"] == size and r["ok"] and r.get("device") == "cpu"]  # CPU targets
         if not done:
             continue
         best = min(done, key=lambda r: r["seconds"])
