@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -12,6 +13,7 @@ from AbdomenKDSegLib.preprocess import clip_and_zscore
 from AbdomenKDSegLib.training.augment import (
     AugmentV4,
     centre_pad,
+    compose_theta,
     elastic_grid,
     gaussian_kernel1d,
     identity_grid,
@@ -75,6 +77,34 @@ def test_rotations_are_proper():
         assert torch.allclose(r @ r.t(), torch.eye(3), atol=1e-6)
         assert torch.det(r).item() == pytest.approx(1.0, abs=1e-6)
         assert r[axis, axis].item() == pytest.approx(1.0)
+
+
+def _hand_rotation(about: str, degrees: float) -> np.ndarray:
+    """Rotation in affine_grid (x = X = W, y = Y = H, z = Z = D) coordinates, written out by hand."""
+    a = np.radians(degrees)
+    c, s = np.cos(a), np.sin(a)
+    return {"W": np.array([[1, 0, 0], [0, c, -s], [0, s, c]]),
+            "H": np.array([[c, 0, s], [0, 1, 0], [-s, 0, c]]),
+            "D": np.array([[c, -s, 0], [s, c, 0], [0, 0, 1]])}[about]
+
+
+def test_rotation_composition_is_the_references_order():
+    # reference: R(about D) R(about H) R(about W) S, i.e. the depth rotation outermost
+    angles_xyz, scale_xyz = (11.0, -7.0, 13.0), (1.7, 0.9, 1.1)
+    expected = (_hand_rotation("D", 13.0) @ _hand_rotation("H", -7.0) @ _hand_rotation("W", 11.0)
+                @ np.diag(scale_xyz))
+    got = compose_theta(angles_xyz, scale_xyz).double().numpy()
+    np.testing.assert_allclose(got, expected, atol=1e-6)
+    reversed_order = (_hand_rotation("W", 11.0) @ _hand_rotation("H", -7.0) @ _hand_rotation("D", 13.0)
+                      @ np.diag(scale_xyz))
+    assert np.abs(got - reversed_order).max() > 1e-2  # the order matters for these angles
+
+
+def test_drawn_theta_uses_the_reference_composition():
+    aug = make((16, 8, 16), seed=5, scale_p=1.0, rotate_p=1.0)
+    theta, diag, angles = aug._draw_theta()
+    assert all(a != 0.0 for a in angles)
+    np.testing.assert_allclose(theta.numpy(), compose_theta(angles, diag).numpy(), atol=1e-7)
 
 
 def test_full_augmentation_soft_labels_stay_normalised_and_sizes_hold():

@@ -7,7 +7,8 @@ background and no loss reads it). Steps, in order:
 
  1. +1024 HU (zero padding then means air);  2. centre-pad to round(1.25 x patch);
  3. one-hot label;  4. elastic deformation (p 0.5);  5. random affine: per-axis scaling (p 0.5 each)
-    and rotations (p 0.5 each), theta = Rx Ry Rz S;  6. -1024 HU;  7. uniform random crop;
+    and rotations (p 0.5 each), theta = R(Z) R(Y) R(X) S (the reference's "Rx Ry Rz S", x = depth);
+ 6. -1024 HU;  7. uniform random crop;
  8. clip to the HU window;  9. z-score with the patch's own mean and std;  10. Gaussian noise
     (std ~ U(0, 0.1)), always;  11. brightness x U(0.75, 1.25) (p 0.5);  12. background +1e-7, renormalise.
 
@@ -110,6 +111,18 @@ def rotation_matrix(axis: int, degrees: float) -> torch.Tensor:
     return torch.tensor(m, dtype=torch.float32)
 
 
+def compose_theta(angles_xyz: Sequence[float], scale_xyz: Sequence[float]) -> torch.Tensor:
+    """3x3 affine_grid matrix R(about Z) R(about Y) R(about X) S, the reference's composition.
+
+    ``angles_xyz`` / ``scale_xyz`` are indexed by affine_grid coordinate (0 = X, 1 = Y, 2 = Z). The
+    reference names its axes x = depth (Z), y = height (Y), z = width (X) and applies Rx Ry Rz S, i.e.
+    the rotation about the depth axis is outermost and the one about the width axis acts first.
+    """
+    rotation = (rotation_matrix(2, angles_xyz[2]) @ rotation_matrix(1, angles_xyz[1])
+                @ rotation_matrix(0, angles_xyz[0]))
+    return rotation @ torch.diag(torch.tensor([float(v) for v in scale_xyz], dtype=torch.float32))
+
+
 class AugmentV4:
     """Callable augmenter; ``generator`` holds the random state (CPU ``torch.Generator``)."""
 
@@ -138,9 +151,7 @@ class AugmentV4:
         for _ in range(3):
             turn = _chance(gen, cfg.rotate_p)
             angles.append(_uniform(gen, -cfg.rotate_deg, cfg.rotate_deg) if turn else 0.0)
-        theta = (rotation_matrix(0, angles[0]) @ rotation_matrix(1, angles[1]) @ rotation_matrix(2, angles[2])
-                 @ torch.diag(torch.tensor(diag, dtype=torch.float32)))
-        return theta, diag, angles
+        return compose_theta(angles, diag), diag, angles
 
     # ------------------------------------------------------------------ the pipeline
     def __call__(self, image: torch.Tensor, label: Optional[torch.Tensor]
