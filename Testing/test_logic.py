@@ -323,7 +323,7 @@ def subset_run(tiny_bundle):
 
 
 def test_organ_subset_gives_only_the_chosen_organs(subset_run, tiny_reference):
-    assert segment_ids(subset_run.output) == ["liver", "aorta", "left_kidney"]
+    assert segment_ids(subset_run.output) == ["old", "liver", "aorta", "left_kidney"]  # "old": the user's
     labels, _ = export_labels(subset_run.scene, subset_run.output, ["liver", "aorta", "left_kidney"],
                               subset_run.volume)
     expected = np.zeros_like(tiny_reference)
@@ -335,7 +335,8 @@ def test_organ_subset_gives_only_the_chosen_organs(subset_run, tiny_reference):
 def test_existing_output_node_is_reused_and_other_nodes_untouched(subset_run):
     run = subset_run
     assert run.result is run.output and run.output.GetName() == "My organs"
-    assert "old" not in segment_ids(run.output)  # its old segments were replaced
+    assert segment_ids(run.output)[0] == "old"  # a segment this module did not make is kept
+    assert run.output.GetSegmentation().GetSegment("old").GetName() == "Old segment"
     after = {entry[0]: entry for entry in run.after}
     for entry in run.before:
         if entry[0] != run.output.GetID():
@@ -499,7 +500,7 @@ def test_worker_reports_progress_and_result_as_json_lines():
         for fraction in (0.0, 0.5, 0.5, 1.0):
             progress("coarse", fraction)
         return SimpleNamespace(output_path=Path(out), device="cpu", timings={"coarse": 1.5},
-                               voxel_counts={1: 10, 13: 2}, warnings=["careful"])
+                               voxel_counts={1: 10, 13: 2}, warnings=["careful"], backend="openvino")
 
     code, events = _run_worker(fake_segment, "--organs", "1, liver,13", "--no-fine", "--device", "cpu")
     assert code == 0
@@ -507,8 +508,8 @@ def test_worker_reports_progress_and_result_as_json_lines():
                      "organs": ["1", "liver", "13"]}
     assert [e["event"] for e in events] == ["started", "progress", "progress", "progress", "done"]
     assert [e["fraction"] for e in events if e["event"] == "progress"] == [0.0, 0.5, 1.0]
-    assert events[-1] == {"event": "done", "output": "out.nrrd", "device": "cpu", "timings": {"coarse": 1.5},
-                          "voxel_counts": {"1": 10, "13": 2}, "warnings": ["careful"]}
+    assert events[-1] == {"event": "done", "output": "out.nrrd", "device": "cpu", "backend": "openvino",
+                          "timings": {"coarse": 1.5}, "voxel_counts": {"1": 10, "13": 2}, "warnings": ["careful"]}
 
 
 @pytest.mark.parametrize("exc, kind, code, text", [
@@ -543,7 +544,7 @@ def test_worker_command_lists_the_options():
     cmd = logic.worker_command(Path("/t/in.nrrd"), Path("/t/out.nrrd"), "cuda", organs, Path("/m.safetensors"), False)
     assert cmd[:3] == [logic.pythonExecutable, "-m", "AbdomenKDSegLib.worker"]
     assert cmd[3:] == ["--input", "/t/in.nrrd", "--output", "/t/out.nrrd", "--device", "cuda",
-                       "--parent-pid", str(os.getpid()), "--organs", "1,5",
+                       "--parent-pid", str(os.getpid()), "--watch-stdin", "--organs", "1,5",
                        "--model", "/m.safetensors", "--no-fine", "--threads", "3"]
     all_organs = logic.worker_command(Path("i"), Path("o"), "auto", list(ORGANS), None, True)
     assert "--organs" not in all_organs and "--model" not in all_organs

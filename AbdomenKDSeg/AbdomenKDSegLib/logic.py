@@ -17,9 +17,17 @@ AbdomenKDSegLib.worker``, see :mod:`AbdomenKDSegLib.worker`) that exchanges file
 
 Scripting waits for the worker (``waitForCompletion=True``); the GUI starts it with
 ``waitForCompletion=False`` and calls :meth:`AbdomenKDSegLogic.poll` from a timer.
-:meth:`AbdomenKDSegLogic.cancel` kills the worker. The input node is never modified; the output
-node's segments are replaced only when a run succeeds, and a node the logic created for a run
-that failed or was cancelled is removed again.
+:meth:`AbdomenKDSegLogic.cancel` kills the worker's whole process tree (the ``PythonSlicer``
+launcher and the real Python it starts): it runs in its own process group (POSIX) or is ended
+with ``taskkill /T`` (Windows). The worker also ends itself when this process is gone (it is
+given this pid, and its stdin is a pipe only this process holds).
+
+Output safety: the input node is never modified; the output node's segments are changed only
+when a run succeeds, and a node the logic created for a run that failed or was cancelled is
+removed again. In an existing output node only the organ segments this module made (segment tag
+:data:`ORGAN_TAG` with their terminology) are replaced; every other segment is kept. A segmentation
+that belongs to another volume (:meth:`AbdomenKDSegLogic.otherVolumeOfSegmentation`) is filled
+only with ``allowOtherVolume=True``.
 """
 
 from __future__ import annotations
@@ -46,7 +54,7 @@ import slicer
 import vtk
 
 from .errors import AbdomenKDSegError, BundleError, InputError
-from .organs import BY_VALUE, Organ, resolve_organs
+from .organs import BY_KEY, BY_VALUE, Organ, resolve_organs
 
 #: ``progress(stage_text, fraction)``: human-readable stage and overall fraction in [0, 1].
 ProgressCallback = Callable[[str, float], None]
@@ -60,6 +68,10 @@ CANCEL_TIMEOUT_S = 2.0
 #: Node attribute marking a segmentation created by the "keep coarse result" option; its value is
 #: the ID of the input volume node it belongs to. Only nodes carrying it are ever reused for it.
 COARSE_RESULT_ATTRIBUTE = "AbdomenKDSeg.CoarseResultOf"
+#: Node attribute of every segmentation this module filled: the ID of the input volume node.
+INPUT_VOLUME_ATTRIBUTE = "AbdomenKDSeg.inputVolume"
+#: vtkSegment tag of every organ segment this module made: the organ key (e.g. "liver").
+ORGAN_TAG = "AbdomenKDSeg.organ"
 
 #: Engine stage -> (text shown to the user, overall fraction at its start, at its end).
 STAGES: dict[str, tuple[str, float, float]] = {
@@ -83,6 +95,10 @@ class WorkerError(AbdomenKDSegError):
 
 class SegmentationCancelled(AbdomenKDSegError):
     """A blocking :meth:`AbdomenKDSegLogic.segment` call was cancelled."""
+
+
+class OtherVolumeError(ValueError):
+    """The output segmentation belongs to another volume (pass ``allowOtherVolume=True`` to fill it)."""
 
 
 def default_python_executable() -> str:
@@ -135,20 +151,99 @@ def terminology_tag_name() -> str:
     return slicer.vtkSegment.GetTerminologyEntryTagName()
 
 
+def terminology_codes(entry: str | None) -> tuple[tuple[str, str], ...]:
+    """(scheme, code) of category, type and modifier of a serialized terminology entry; () if none.
+
+    The code meanings and context names are left out, so a renamed meaning still matches.
+    """
+    fields = (entry or "").split("~")
+    if len(fields) < 4:
+        return ()
+    return tuple(tuple(field.split("^")[:2]) for field in fields[1:4])  # type: ignore[misc]
+
+
+def organ_of_segment(segment: Any, segmentId: str = "") -> Organ | None:
+    """The organ a segment holds if this module made it, else None (the segment is the user's).
+
+    A module segment carries :data:`ORGAN_TAG` = the organ key (segments of earlier versions: the
+    organ key as segment ID) and still that organ's terminology codes: a segment the user
+    re-labelled (e.g. renamed and coded "Tumor") is the user's.
+    """
+    key = segment_tag(segment, ORGAN_TAG) or segmentId
+    organ = BY_KEY.get(key)
+    if organ is None:
+        return None
+    codes = terminology_codes(segment_tag(segment, terminology_tag_name()))
+    return organ if codes == terminology_codes(organ.terminology_entry()) else None
+
+
+def python_command(executable: str | Sequence[str]) -> list[str]:
+    """The command prefix that starts Python: an executable, or a launcher command as a list."""
+    return [executable] if isinstance(executable, (str, os.PathLike)) else [str(a) for a in executable]
+
+
+def kill_process_tree(process: subprocess.Popen) -> None:
+    """SIGKILL a worker's process group (POSIX) or ``taskkill /F /T`` its tree (Windows).
+
+    Inside Slicer the worker is the ``PythonSlicer`` launcher, whose child runs the network: killing
+    only the launcher would leave the child computing.
+    """
+    if os.name == "nt":
+        if process.poll() is None:
+            try:
+                subprocess.run(["taskkill", "/F", "/T", "/PID", str(process.pid)], stdin=subprocess.DEVNULL,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=10,
+                               creationflags=0x08000000)  # CREATE_NO_WINDOW
+            except (OSError, subprocess.SubprocessError):
+                pass
+        if process.poll() is None:
+            process.kill()
+        return
+    try:
+        os.killpg(process.pid, signal.SIGKILL)  # the group outlives its leader: always sent
+    except (ProcessLookupError, PermissionError, OSError):
+        pass
+
+
+#: Network runtime names shown to the user.
+BACKEND_NAMES = {"torch": "PyTorch", "onnx": "ONNX Runtime", "openvino": "OpenVINO"}
+
+
+def runtime_text(backend: str, device: str) -> str:
+    """``("openvino", "cpu")`` -> ``"OpenVINO on CPU"``; ``("torch", "cuda:0")`` -> ``"PyTorch on CUDA:0"``."""
+    where = str(device).upper() if device else "?"
+    return f"{BACKEND_NAMES.get(backend, backend)} on {where}" if backend else f"on {where}"
+
+
 @dataclass
 class RunInfo:
-    """What the last successful run did: device used, seconds per stage, organ voxel counts."""
+    """What the last successful run did: runtime used, seconds per stage, organ voxel counts, warnings.
+
+    ``warnings`` name the input volume (not the worker's temporary file), each once;
+    ``empty_organs``: names of the requested organs not found in the image.
+    """
 
     device: str = ""
     timings: dict[str, float] = field(default_factory=dict)
     voxel_counts: dict[int, int] = field(default_factory=dict)
     warnings: list[str] = field(default_factory=list)
     total_seconds: float = 0.0
+    backend: str = ""
+    empty_organs: list[str] = field(default_factory=list)
+    volume_name: str = ""
 
     def summary(self) -> str:
-        """One line such as ``"8.1 s on cpu (coarse 4.2 s, fine 2.9 s, ...)"``."""
+        """One line such as ``"8.1 s, OpenVINO on CPU (coarse 4.2 s, fine 2.9 s, ...)"``."""
         parts = ", ".join(f"{k} {v:.1f} s" for k, v in self.timings.items() if v >= 0.05)
-        return f"{self.total_seconds:.1f} s on {self.device}" + (f" ({parts})" if parts else "")
+        return f"{self.total_seconds:.1f} s, {runtime_text(self.backend, self.device)}" + (
+            f" ({parts})" if parts else "")
+
+    def notes(self) -> list[str]:
+        """What the user should see after the run: the warnings, then the organs not found."""
+        notes = [f"Warning: {w}" for w in self.warnings]
+        if self.empty_organs:
+            notes.append(f"Not found in this image (empty segments): {', '.join(self.empty_organs)}")
+        return notes
 
 
 # ----------------------------------------------------------------------------- worker process
@@ -172,8 +267,9 @@ class WorkerJob:
             kwargs["creationflags"] = subprocess.CREATE_NEW_PROCESS_GROUP | 0x08000000  # CREATE_NO_WINDOW
         else:
             kwargs["start_new_session"] = True  # own process group: kill reaches its children too
+        # stdin: a pipe nobody writes to; its end-of-file tells the worker this process is gone.
         self.process = subprocess.Popen(
-            command, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+            command, env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
             text=True, encoding="utf-8", errors="replace", bufsize=1, **kwargs,
         )
         self._readers = [
@@ -227,15 +323,8 @@ class WorkerJob:
                 return out
 
     def kill(self, timeout: float = CANCEL_TIMEOUT_S) -> None:
-        """Kill the worker (and its process group) and wait until it is gone."""
-        if self.process.poll() is None:
-            try:
-                if os.name == "nt":
-                    self.process.kill()
-                else:
-                    os.killpg(self.process.pid, signal.SIGKILL)
-            except (ProcessLookupError, PermissionError, OSError):
-                pass
+        """Kill the worker's process tree (launcher and real Python) and wait until it is gone."""
+        kill_process_tree(self.process)
         try:
             self.process.wait(timeout=timeout)
         except subprocess.TimeoutExpired:
@@ -243,12 +332,21 @@ class WorkerJob:
             self.process.wait(timeout=timeout)
         for reader in self._readers:
             reader.join(timeout=0.5)
+        self._close_stdin()
         _RUNNING_JOBS.discard(self)
 
     def cleanup(self) -> None:
-        """Remove the temporary folder (input copy and label map)."""
+        """Remove the temporary folder (input copy and label map) and close the stdin pipe."""
+        self._close_stdin()
         shutil.rmtree(self.temp_dir, ignore_errors=True)
         _RUNNING_JOBS.discard(self)
+
+    def _close_stdin(self) -> None:
+        try:
+            if self.process.stdin is not None:
+                self.process.stdin.close()
+        except OSError:
+            pass
 
 
 @atexit.register
@@ -274,6 +372,7 @@ class _Run:
     fine: bool
     start_time: float
     coarse_path: Path | None = None
+    input_path: Path | None = None
     result_event: dict[str, Any] | None = None
     error_event: dict[str, Any] | None = None
     last_fraction: float = 0.0
@@ -283,7 +382,8 @@ class AbdomenKDSegLogic:
     """Headless, scriptable segmentation of 13 abdominal organs.
 
     Attributes that can be changed before :meth:`segment`:
-    ``pythonExecutable`` (interpreter that runs the worker; ``PythonSlicer`` in Slicer),
+    ``pythonExecutable`` (interpreter that runs the worker; ``PythonSlicer`` in Slicer; a list is a
+    command prefix, e.g. a launcher script and its interpreter),
     ``modelPath`` (model bundle; None = the bundled default), ``fineStage`` (run the fine stage),
     ``keepCoarseResult`` (also output the coarse result, see :meth:`segment`),
     ``threads`` (torch CPU threads in the worker, 0 = default), ``workerExtraArgs`` (extra
@@ -293,7 +393,7 @@ class AbdomenKDSegLogic:
     """
 
     def __init__(self) -> None:
-        self.pythonExecutable: str = default_python_executable()
+        self.pythonExecutable: str | list[str] = default_python_executable()
         self.workerModule: str = "AbdomenKDSegLib.worker"
         self.workerExtraArgs: list[str] = []
         self.modelPath: str | None = None
@@ -328,11 +428,15 @@ class AbdomenKDSegLogic:
         model: str | os.PathLike[str] | None = None,
         fine: bool | None = None,
         keepCoarse: bool | None = None,
+        allowOtherVolume: bool = False,
     ) -> Any:
         """Segment ``inputVolumeNode`` (a CT scalar volume) into organ segments.
 
-        ``outputSegmentationNode``: a vtkMRMLSegmentationNode whose segments are replaced on
-        success, or None to create "<volume name> organs". ``device``: "auto", "cpu" or "cuda".
+        ``outputSegmentationNode``: None to create "<volume name> organs", or a
+        vtkMRMLSegmentationNode whose organ segments made by this module are replaced on success
+        (every other segment, e.g. a user's "My tumor", is kept). A segmentation that belongs to
+        another volume (:meth:`otherVolumeOfSegmentation`) raises :class:`OtherVolumeError` unless
+        ``allowOtherVolume``. ``device``: "auto", "cpu" or "cuda".
         ``organs``: organ keys, names or label values (None = all 13). ``progress(text, fraction)``
         receives the stage and the overall fraction. ``model``/``fine`` override ``modelPath``
         and ``fineStage``. With ``waitForCompletion=False`` the call returns at once and the
@@ -349,7 +453,8 @@ class AbdomenKDSegLogic:
         fine stage off the output already is the coarse result: no second node is made.
 
         Returns the output segmentation node. Raises InputError (bad input volume), BundleError
-        (missing or corrupt model), WorkerError (the worker failed) or SegmentationCancelled.
+        (missing or corrupt model), OtherVolumeError, WorkerError (the worker failed) or
+        SegmentationCancelled.
         """
         if self._run is not None:
             raise RuntimeError("a segmentation is already running; cancel it or wait for it to finish")
@@ -358,6 +463,11 @@ class AbdomenKDSegLogic:
         model_path = self._check_model(model if model is not None else self.modelPath)
         scene = self._check_input(inputVolumeNode)
         self._check_output(outputSegmentationNode, scene)
+        other = self.otherVolumeOfSegmentation(outputSegmentationNode, inputVolumeNode)
+        if other is not None and not allowOtherVolume:
+            raise OtherVolumeError(
+                f"segmentation '{outputSegmentationNode.GetName()}' belongs to volume '{other}', not to "
+                f"'{inputVolumeNode.GetName()}': choose \"Create new segmentation\" or allow replacing its organs")
         run_fine = self.fineStage if fine is None else bool(fine)
         keep_coarse = run_fine and (self.keepCoarseResult if keepCoarse is None else bool(keepCoarse))
 
@@ -375,7 +485,8 @@ class AbdomenKDSegLogic:
             try:
                 job = WorkerJob(command, self.worker_environment(), temp_dir)
             except OSError as exc:
-                raise WorkerError(f"could not start the worker with Python '{self.pythonExecutable}': {exc}") from exc
+                python = " ".join(python_command(self.pythonExecutable))
+                raise WorkerError(f"could not start the worker with Python '{python}': {exc}") from exc
         except BaseException:
             shutil.rmtree(temp_dir, ignore_errors=True)
             raise
@@ -383,7 +494,7 @@ class AbdomenKDSegLogic:
             outputSegmentationNode = scene.AddNewNodeByClass(
                 "vtkMRMLSegmentationNode", f"{inputVolumeNode.GetName()} organs")
         self._run = _Run(job, inputVolumeNode, outputSegmentationNode, created, organ_list, output_path,
-                         progress, run_fine, time.perf_counter(), coarse_path)
+                         progress, run_fine, time.perf_counter(), coarse_path, input_path)
         self._report(progress, "started", 0.0, self._run)
         if waitForCompletion:
             self.wait()
@@ -452,6 +563,30 @@ class AbdomenKDSegLogic:
             segmentationNode.RemoveClosedSurfaceRepresentation()
 
     @staticmethod
+    def otherVolumeOfSegmentation(segmentationNode: Any, volumeNode: Any) -> str | None:
+        """Name of the volume ``segmentationNode`` belongs to when that is not ``volumeNode``, else None.
+
+        A segmentation belongs to the volume of its reference image geometry (node reference, as
+        the Segment Editor sets it) and to the input volume of the run that filled it
+        (:data:`INPUT_VOLUME_ATTRIBUTE`; a volume since removed from the scene still counts). None
+        for no segmentation, or one tied to no volume (e.g. a new, empty one).
+        """
+        if segmentationNode is None or volumeNode is None:
+            return None
+        own_id = volumeNode.GetID()
+        scene = segmentationNode.GetScene()
+        role = (segmentationNode.GetReferenceImageGeometryReferenceRole()
+                if hasattr(segmentationNode, "GetReferenceImageGeometryReferenceRole") else "referenceImageGeometryRef")
+        reference = segmentationNode.GetNodeReference(role)
+        if reference is not None and reference.GetID() != own_id:
+            return reference.GetName()
+        filled_from = segmentationNode.GetAttribute(INPUT_VOLUME_ATTRIBUTE)
+        if filled_from and filled_from != own_id:
+            node = scene.GetNodeByID(filled_from) if scene is not None else None
+            return node.GetName() if node is not None else f"{filled_from} (no longer in the scene)"
+        return None
+
+    @staticmethod
     def findCoarseResultNode(inputVolumeNode: Any, scene: Any = None, exclude: Any = None) -> Any:
         """The segmentation that "keep coarse result" created for ``inputVolumeNode``, or None.
 
@@ -514,8 +649,8 @@ class AbdomenKDSegLogic:
     def worker_command(self, input_path: Path, output_path: Path, device: str, organs: list[Organ],
                        model: Path | None, fine: bool, coarse_output: Path | None = None) -> list[str]:
         """Command line that runs the worker for one segmentation (``coarse_output``: keep coarse result)."""
-        cmd = [self.pythonExecutable, "-m", self.workerModule, "--input", str(input_path),
-               "--output", str(output_path), "--device", device, "--parent-pid", str(os.getpid())]
+        cmd = [*python_command(self.pythonExecutable), "-m", self.workerModule, "--input", str(input_path),
+               "--output", str(output_path), "--device", device, "--parent-pid", str(os.getpid()), "--watch-stdin"]
         if len(organs) < len(BY_VALUE):
             cmd += ["--organs", ",".join(str(o.value) for o in organs)]
         if model is not None:
@@ -635,6 +770,7 @@ class AbdomenKDSegLogic:
                 self._import_result(run)
                 self._report(run.progress, "import", 1.0, run)
                 return
+            run.job.kill()  # a launcher that died may have left its child behind
             self._discard_output(run)
             raise self._error_from(run, code)
         except BaseException:
@@ -648,8 +784,11 @@ class AbdomenKDSegLogic:
         """The exception that describes a failed worker."""
         event = run.error_event
         if event is not None:
+            for warning in self._name_the_volume(run, [str(w) for w in event.get("warnings", [])]):
+                self.log(f"Warning: {warning}")
             classes = {"InputError": InputError, "BundleError": BundleError}
-            return classes.get(str(event.get("type")), WorkerError)(str(event.get("message")))
+            message = self._name_the_volume(run, [str(event.get("message"))])[0]
+            return classes.get(str(event.get("type")), WorkerError)(message)
         if code is not None and code < 0:
             try:
                 how = f"was killed by signal {signal.Signals(-code).name}"
@@ -687,19 +826,33 @@ class AbdomenKDSegLogic:
         if coarse is not None:
             self.lastCoarseSegmentationNode = self._import_coarse(run, *coarse)
         event = run.result_event or {}
+        counts = {int(k): int(v) for k, v in dict(event.get("voxel_counts", {})).items()}
         self.lastRunInfo = RunInfo(
             device=str(event.get("device", "")),
             timings={str(k): float(v) for k, v in dict(event.get("timings", {})).items()},
-            voxel_counts={int(k): int(v) for k, v in dict(event.get("voxel_counts", {})).items()},
-            warnings=[str(w) for w in event.get("warnings", [])],
+            voxel_counts=counts,
+            warnings=self._name_the_volume(run, [str(w) for w in event.get("warnings", [])]),
             total_seconds=time.perf_counter() - run.start_time,
+            backend=str(event.get("backend", "")),
+            empty_organs=[o.name for o in run.organs if o.value not in counts],
+            volume_name=run.input_node.GetName() or "",
         )
-        for warning in self.lastRunInfo.warnings:
-            self.log(f"Warning: {warning}")
-        empty = [o.name for o in run.organs if o.value not in self.lastRunInfo.voxel_counts]
-        if empty:
-            self.log(f"Not found in this image (empty segments): {', '.join(empty)}")
-        self.log(f"Segmentation finished in {self.lastRunInfo.summary()}")
+        for note in self.lastRunInfo.notes():
+            self.log(note)
+        self.log(f"Segmentation of '{self.lastRunInfo.volume_name}' finished in {self.lastRunInfo.summary()}")
+
+    @staticmethod
+    def _name_the_volume(run: _Run, texts: list[str]) -> list[str]:
+        """``texts`` with the worker's temporary input file replaced by the volume's name, each once."""
+        path = str(run.input_path) if run.input_path is not None else None
+        name = f"volume '{run.input_node.GetName()}'"
+        out: list[str] = []
+        for text in texts:
+            if path:
+                text = text.replace(path, name)
+            if text not in out:
+                out.append(text)
+        return out
 
     def _read_result(self, run: _Run, path: Path) -> tuple[Any, Any]:
         """(vtkSegmentation of the run's organs, label map node) from a label map file of the worker."""
@@ -711,22 +864,30 @@ class AbdomenKDSegLogic:
                 raise WorkerError(f"the worker's label map has {got} voxels but the input has {want}")
         return build_segmentation(label_node, run.organs), label_node
 
-    @staticmethod
-    def _fill_segmentation_node(node: Any, segmentation: Any, label_node: Any, input_node: Any,
+    def _fill_segmentation_node(self, node: Any, segmentation: Any, label_node: Any, input_node: Any,
                                 coarse_of: str | None = None) -> None:
-        """Replace ``node``'s segments by ``segmentation``, with the input volume's geometry and transform.
+        """Put ``segmentation``'s organs into ``node``, with the input volume's geometry and transform.
 
-        ``coarse_of``: the input volume's ID for a coarse-result node (sets
-        :data:`COARSE_RESULT_ATTRIBUTE`); None removes that mark (the node now holds a main result).
+        The organ segments this module made earlier (:func:`organ_of_segment`) are replaced, every
+        other segment is kept as it is. ``coarse_of``: the input volume's ID for a coarse-result
+        node (sets :data:`COARSE_RESULT_ATTRIBUTE`); None removes that mark (the node now holds a
+        main result).
         """
         register_segmentation_converters()
+        target = node.GetSegmentation()
+        kept = [target.GetNthSegmentID(i) for i in range(target.GetNumberOfSegments())
+                if organ_of_segment(target.GetNthSegment(i), target.GetNthSegmentID(i)) is None]
         was_modifying = node.StartModify()
         try:
-            node.GetSegmentation().DeepCopy(segmentation)
+            if not kept:
+                target.DeepCopy(segmentation)
+            else:
+                self._replace_organ_segments(node, segmentation, kept)
             reference = input_node if input_node.GetScene() is not None else label_node
             node.SetReferenceImageGeometryParameterFromVolumeNode(reference)
             if input_node.GetScene() is not None:
                 node.SetAndObserveTransformNodeID(input_node.GetTransformNodeID())
+                node.SetAttribute(INPUT_VOLUME_ATTRIBUTE, input_node.GetID())
             if coarse_of is not None:
                 node.SetAttribute(COARSE_RESULT_ATTRIBUTE, coarse_of)
             elif node.GetAttribute(COARSE_RESULT_ATTRIBUTE) is not None:
@@ -735,6 +896,26 @@ class AbdomenKDSegLogic:
             node.EndModify(was_modifying)
         if node.GetDisplayNode() is None:
             node.CreateDefaultDisplayNodes()
+
+    def _replace_organ_segments(self, node: Any, segmentation: Any, kept: list[str]) -> None:
+        """Remove ``node``'s module-made organ segments and add ``segmentation``'s; ``kept`` stay."""
+        target = node.GetSegmentation()
+        source_name = (target.GetSourceRepresentationName() if hasattr(target, "GetSourceRepresentationName")
+                       else target.GetMasterRepresentationName())
+        if source_name != BINARY_LABELMAP:  # e.g. imported surfaces: labelmaps are needed to add organs
+            node.CreateBinaryLabelmapRepresentation()
+            if hasattr(target, "SetSourceRepresentationName"):
+                target.SetSourceRepresentationName(BINARY_LABELMAP)
+            else:
+                target.SetMasterRepresentationName(BINARY_LABELMAP)
+            self.log(f"'{node.GetName()}' now stores its segments as binary labelmaps (was: {source_name})")
+        for segment_id in [target.GetNthSegmentID(i) for i in range(target.GetNumberOfSegments())]:
+            if segment_id not in kept:
+                target.RemoveSegment(segment_id)
+        for i in range(segmentation.GetNumberOfSegments()):
+            segment_id = segmentation.GetNthSegmentID(i)
+            new_id = segment_id if target.GetSegment(segment_id) is None else target.GenerateUniqueSegmentID(segment_id)
+            target.AddSegment(segmentation.GetNthSegment(i), new_id)
 
     def _import_coarse(self, run: _Run, segmentation: Any, label_node: Any) -> Any:
         """Fill the coarse-result node of the input volume (reused if this option made it, else new)."""
@@ -759,7 +940,8 @@ def build_segmentation(labelNode: Any, organs: Sequence[Organ]) -> Any:
     """A vtkSegmentation with one segment per organ, all sharing the label map as one layer.
 
     Segment IDs are the organ keys (e.g. ``"liver"``), label values are the FLARE22 values, and
-    names, colors and the ``TerminologyEntry`` tag come from the organ table. Voxels of organs not
+    names, colors and the ``TerminologyEntry`` tag come from the organ table; each segment carries
+    :data:`ORGAN_TAG` = its organ key (how a later run finds the segments it may replace). Voxels of organs not
     in ``organs`` are set to background. Organs absent from the image get an empty segment.
     """
     from vtk.util.numpy_support import vtk_to_numpy
@@ -785,6 +967,7 @@ def build_segmentation(labelNode: Any, organs: Sequence[Organ]) -> Any:
         segment.SetColor(*organ.color_float)
         segment.SetLabelValue(organ.value)
         segment.SetTag(terminology_tag_name(), organ.terminology_entry())
+        segment.SetTag(ORGAN_TAG, organ.key)
         segment.AddRepresentation(BINARY_LABELMAP, image)
         segmentation.AddSegment(segment, organ.key)
     return segmentation
