@@ -65,8 +65,63 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_make_training_set(args: argparse.Namespace) -> int:
+    """Run ``make-training-set`` from parsed arguments; returns the exit code."""
+    from .make_training_set import GeneratorOptions, make_training_set, parse_heldout
+
+    if args.variants < 1 or args.workers < 1 or args.heldout_variants < 1:
+        raise InputError("--variants, --heldout-variants and --workers must be >= 1")
+    opts = GeneratorOptions(
+        source_image=Path(args.source_image), source_labels=Path(args.source_labels), targets=Path(args.targets),
+        out=Path(args.out), variants=args.variants, heldout=tuple(parse_heldout(args.heldout)),
+        heldout_variants=args.heldout_variants, seed=args.seed, workers=args.workers, previews=args.previews,
+        include_source=not args.no_source_case)
+    bars: Dict[str, Any] = {}
+
+    def progress(stage: str, done: int, total: int) -> None:
+        if args.quiet:
+            return
+        from tqdm import tqdm
+
+        if stage not in bars:
+            bars[stage] = tqdm(total=total, desc=stage, unit="case")
+        bar = bars[stage]
+        bar.update(done - bar.n)
+        if done >= total:
+            bar.close()
+
+    report = make_training_set(opts, progress)
+    if not args.quiet:
+        n_train = sum(1 for c in report["cases"] if c["split"] == "train")
+        n_held = len(report["cases"]) - n_train
+        print(f"{n_train} training + {n_held} held-out cases in {opts.out} "
+              f"(anatomy transfer: mean DSC {report['fit_dice_mean']['all']:.3f} of the warped source labels "
+              f"vs the targets); report: {opts.out / 'report.json'}")
+    return 0
+
+
 def register_cli(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
-    """Add the ``train`` subcommand to the main parser's subparsers."""
+    """Add the ``train`` and ``make-training-set`` subcommands to the main parser's subparsers."""
+    g = subparsers.add_parser(
+        "make-training-set", help="generate a varied labeled training set from one labeled CT and many label maps",
+        description="Deform a labeled CT onto each target label map (anatomy transfer: affine + dense fit of "
+                    "the organ masks), then render each target VARIANTS times with random contrast phase, "
+                    "texture, noise, blur, spacing and field of view. Writes OUT/imagesTr, OUT/labelsTr "
+                    "(what `train --data OUT` reads), OUT/heldout/ (held-out targets), OUT/previews/*.png "
+                    "and OUT/report.json. Deterministic given --seed; a re-run reuses finished fits and cases.")
+    g.add_argument("--source-image", required=True, help="the labeled CT (HU) whose anatomy is transferred")
+    g.add_argument("--source-labels", required=True, help="its organ labels (FLARE22 values)")
+    g.add_argument("--targets", required=True, help="folder of target label maps (e.g. the FLARE22 labels)")
+    g.add_argument("--out", required=True, help="output data folder")
+    g.add_argument("--variants", type=int, default=2, help="rendered cases per training target (default 2)")
+    g.add_argument("--heldout", default="", help="targets kept out of training, e.g. 41-50 or 0003,0007")
+    g.add_argument("--heldout-variants", type=int, default=1, help="rendered cases per held-out target")
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--workers", type=int, default=1, help="processes (one CPU thread each)")
+    g.add_argument("--previews", type=int, default=6, help="PNG previews of the first N cases")
+    g.add_argument("--no-source-case", action="store_true", help="do not add the unwarped source CT itself")
+    g.add_argument("-q", "--quiet", action="store_true", help="no progress bars or messages")
+    g.set_defaults(func=cmd_make_training_set)
     p = subparsers.add_parser(
         "train", help="train the coarse and fine students (KD from cross-teaching teachers) on a data folder",
         description="Train a recipe: coarse stage, coarse predictions of unlabeled cases, fine stage, "

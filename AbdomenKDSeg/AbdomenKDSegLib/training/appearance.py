@@ -1,0 +1,182 @@
+"""Appearance randomisation of a warped CT: contrast phase, organ texture, scanner noise, blur, clipping.
+
+Works on a (Z, Y, X) float HU tensor with its label map on the same grid (the output of anatomy
+transfer). Each organ's intensity is moved from the source's measured median to a mean drawn from the
+phase table below, with the organ's own texture kept (an additive offset, blended over ~1 voxel at the
+organ border); the kidneys get a cortex/medulla split in the arterial and portal phases.
+
+HU ranges per phase (means of the organ parenchyma / vessel lumen), from published CT attenuation
+values: non-contrast liver 50-65, spleen 40-52, kidney 28-38; late arterial (~35 s) aorta 220-400,
+renal cortex 150-250 with medulla 60-110 (corticomedullary phase), pancreas 100-150 (peak
+pancreatic enhancement); portal venous (~70 s) liver 95-135, spleen 100-140, kidney 150-220, IVC
+120-180, aorta 140-220; delayed (3-5 min) liver 70-95, kidney 110-180, vessels 100-140. Sources:
+Bae, Radiology 2010 (intravenous contrast medium administration and scan timing at CT); Yeh et al.,
+AJR 2009 (kidney phases); typical values quoted in abdominal CT texts. Ranges are deliberately wide:
+they randomise, they do not model one scanner.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Dict, Optional, Sequence, Tuple
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+Range = Tuple[float, float]
+
+#: Contrast phases and how often each is drawn (portal venous is the most common abdominal protocol).
+PHASE_PROBABILITIES: Dict[str, float] = {"non_contrast": 0.2, "arterial": 0.2, "portal_venous": 0.4,
+                                          "delayed": 0.2}
+
+#: Mean HU per organ value (FLARE22 labels) and phase; 2/13 are kidney *cortex*; KIDNEY_MEDULLA below.
+PHASE_HU: Dict[str, Dict[int, Range]] = {
+    "non_contrast": {1: (50, 65), 2: (28, 38), 3: (40, 52), 4: (35, 48), 5: (35, 50), 6: (35, 48),
+                     7: (20, 35), 8: (20, 35), 9: (0, 20), 10: (35, 50), 11: (25, 45), 12: (25, 45),
+                     13: (28, 38)},
+    "arterial": {1: (65, 90), 2: (150, 250), 3: (90, 160), 4: (100, 150), 5: (220, 400), 6: (60, 120),
+                 7: (50, 90), 8: (50, 90), 9: (0, 20), 10: (50, 80), 11: (50, 90), 12: (50, 90),
+                 13: (150, 250)},
+    "portal_venous": {1: (95, 135), 2: (160, 230), 3: (100, 140), 4: (80, 120), 5: (140, 220),
+                      6: (120, 180), 7: (50, 90), 8: (50, 90), 9: (0, 25), 10: (50, 80), 11: (55, 95),
+                      12: (60, 100), 13: (160, 230)},
+    "delayed": {1: (70, 95), 2: (110, 180), 3: (70, 95), 4: (65, 90), 5: (100, 140), 6: (100, 140),
+                7: (45, 70), 8: (45, 70), 9: (0, 25), 10: (45, 65), 11: (45, 75), 12: (45, 75),
+                13: (110, 180)},
+}
+#: Renal medulla mean HU per phase (the corticomedullary difference; equal to the cortex when absent).
+KIDNEY_MEDULLA: Dict[str, Optional[Range]] = {"non_contrast": None, "arterial": (60, 110),
+                                               "portal_venous": (120, 190), "delayed": None}
+#: Unlabeled soft tissue (muscle, bowel wall, unlabeled vessels): HU added in contrast phases.
+SOFT_TISSUE_SHIFT: Dict[str, Range] = {"non_contrast": (-5, 5), "arterial": (5, 25),
+                                       "portal_venous": (10, 35), "delayed": (5, 20)}
+KIDNEYS = (2, 13)
+
+
+@dataclass(frozen=True)
+class AppearanceRanges:
+    """Ranges of the per-image draws (HU, mm, voxels)."""
+
+    noise_hu: Range = (0.0, 35.0)  # std of scanner noise at the output voxel
+    noise_corr_vox: Range = (0.0, 1.0)  # Gaussian correlation of the noise (voxels)
+    texture_hu: Range = (0.0, 12.0)  # extra organ texture (std, per organ)
+    texture_scale_mm: Range = (1.5, 4.0)
+    blur_mm: Range = (0.0, 1.2)  # in-plane Gaussian blur (sigma, mm)
+    clip_probability: float = 0.35  # store clipped at [-1024, 1023] as some sources do
+    kidney_cortex_mm: float = 5.0
+
+
+@dataclass
+class AppearanceDraw:
+    """What one image got (written into the generator's report)."""
+
+    phase: str
+    organ_hu: Dict[int, float]
+    medulla_hu: Optional[float]
+    soft_tissue_shift: float
+    noise_hu: float
+    noise_corr_vox: float
+    texture_hu: Dict[int, float]
+    texture_scale_mm: float
+    blur_mm: float
+    slice_thickness_mm: float
+    clip: bool
+
+
+def draw_appearance(rng: np.random.Generator, slice_thickness_mm: float,
+                    ranges: AppearanceRanges = AppearanceRanges()) -> AppearanceDraw:
+    """Draw one image's appearance; ``slice_thickness_mm`` is drawn by the caller with the grid."""
+    phases = list(PHASE_PROBABILITIES)
+    phase = str(rng.choice(phases, p=np.array([PHASE_PROBABILITIES[p] for p in phases])))
+    organ_hu = {k: float(rng.uniform(*r)) for k, r in PHASE_HU[phase].items()}
+    medulla = KIDNEY_MEDULLA[phase]
+    return AppearanceDraw(
+        phase=phase, organ_hu=organ_hu,
+        medulla_hu=float(rng.uniform(*medulla)) if medulla else None,
+        soft_tissue_shift=float(rng.uniform(*SOFT_TISSUE_SHIFT[phase])),
+        noise_hu=float(rng.uniform(*ranges.noise_hu)),
+        noise_corr_vox=float(rng.uniform(*ranges.noise_corr_vox)),
+        texture_hu={k: float(rng.uniform(*ranges.texture_hu)) for k in organ_hu},
+        texture_scale_mm=float(rng.uniform(*ranges.texture_scale_mm)),
+        blur_mm=float(rng.uniform(*ranges.blur_mm)),
+        slice_thickness_mm=float(slice_thickness_mm),
+        clip=bool(rng.uniform() < ranges.clip_probability),
+    )
+
+
+def source_organ_medians(image: np.ndarray, labels: np.ndarray, organs: Sequence[int]) -> Dict[int, float]:
+    """Median HU of each organ of the source, inside the organ eroded by one voxel where that leaves
+    at least 50 voxels (partial volume at the border would bias it)."""
+    lab = torch.as_tensor(labels.astype(np.int64))
+    out = {}
+    for value in organs:
+        mask = lab == value
+        if not mask.any():
+            continue
+        eroded = -F.max_pool3d(-(mask.float()[None, None]), 3, stride=1, padding=1)[0, 0] > 0.5
+        use = eroded if int(eroded.sum()) >= 50 else mask
+        out[int(value)] = float(np.median(image[use.numpy()]))
+    return out
+
+
+def _smooth(volume: torch.Tensor, sigma_vox: Sequence[float]) -> torch.Tensor:
+    """Separable Gaussian with per-axis sigma (voxels; 0 = no smoothing on that axis)."""
+    out = volume[None, None]
+    for axis, s in enumerate(sigma_vox):
+        if s <= 0.05:
+            continue
+        radius = max(1, int(3.0 * s + 0.5))
+        x = torch.arange(-radius, radius + 1, dtype=torch.float32)
+        k = torch.exp(-0.5 * (x / s) ** 2)
+        k = k / k.sum()
+        shape = [1, 1, 1]
+        shape[axis] = k.numel()
+        pad = [0, 0, 0, 0, 0, 0]
+        pad[2 * (2 - axis)] = pad[2 * (2 - axis) + 1] = radius
+        out = F.conv3d(F.pad(out, pad, mode="replicate"), k.view(1, 1, *shape))
+    return out[0, 0]
+
+
+def correlated_noise(shape: Sequence[int], sigma_vox: Sequence[float], gen: torch.Generator) -> torch.Tensor:
+    """Gaussian noise of unit std, correlated by a Gaussian of ``sigma_vox`` per axis."""
+    noise = _smooth(torch.randn(tuple(shape), generator=gen), sigma_vox)
+    return noise / noise.std().clamp_min(1e-6)
+
+
+def apply_appearance(image: torch.Tensor, labels: torch.Tensor, spacing: Sequence[float],
+                     source_hu: Dict[int, float], draw: AppearanceDraw, gen: torch.Generator,
+                     source_thickness_mm: float = 3.0, ranges: AppearanceRanges = AppearanceRanges()
+                     ) -> torch.Tensor:
+    """The randomised image (Z, Y, X) float HU; ``labels`` (Z, Y, X) int on the same grid (mm spacing)."""
+    spacing = [float(s) for s in spacing]
+    offset = torch.zeros_like(image)
+    lab = labels.long()
+    for value, target_hu in draw.organ_hu.items():
+        if value in source_hu:
+            offset[lab == value] = target_hu - source_hu[value]
+    if draw.medulla_hu is not None:
+        radius = [max(1, int(round(ranges.kidney_cortex_mm / s))) for s in spacing]
+        for value in KIDNEYS:
+            if value not in source_hu:
+                continue
+            mask = (lab == value).float()[None, None]
+            inner = -F.max_pool3d(-mask, [2 * r + 1 for r in radius], stride=1, padding=radius)[0, 0] > 0.5
+            offset[inner] = draw.medulla_hu - source_hu[value]
+    background = (lab == 0) & (image > -30) & (image < 150)
+    offset[background] = draw.soft_tissue_shift
+    not_gas = (image > -200).float()  # gas inside the stomach / bowel does not enhance
+    out = image + _smooth(offset, [0.6] * 3) * not_gas
+    texture = correlated_noise(image.shape, [draw.texture_scale_mm / s for s in spacing], gen)
+    tex_std = torch.zeros_like(image)
+    for value, std in draw.texture_hu.items():
+        tex_std[lab == value] = std
+    out = out + texture * _smooth(tex_std, [0.6] * 3) * not_gas
+    # acquisition: in-plane blur, thicker slices than the source, noise, clipping
+    z_sigma_mm = math.sqrt(max(draw.slice_thickness_mm ** 2 - source_thickness_mm ** 2, 0.0)) / 2.355
+    out = _smooth(out, [z_sigma_mm / spacing[0], draw.blur_mm / spacing[1], draw.blur_mm / spacing[2]])
+    if draw.noise_hu > 0:
+        out = out + draw.noise_hu * correlated_noise(image.shape, [draw.noise_corr_vox] * 3, gen)
+    lo, hi = (-1024.0, 1023.0) if draw.clip else (-1024.0, 3071.0)
+    return out.clamp(lo, hi)
