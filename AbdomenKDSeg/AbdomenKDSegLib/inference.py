@@ -343,14 +343,16 @@ class Predictor:
         return out, info
 
     def predict(self, image: sitk.Image, fine: bool = True, organs: Sequence[str | int] | None = None,
-                keep_coarse: bool = False) -> tuple[sitk.Image, PredictionInfo]:
+                keep_coarse: bool = False, check: bool = True) -> tuple[sitk.Image, PredictionInfo]:
         """Segment a SimpleITK CT; returns a uint8 label map with the input's exact geometry.
 
         ``keep_coarse`` (fine stage on only): ``info.coarse_image`` also receives the coarse
         result at full resolution (uint8, input geometry, same organ subset), identical to what
-        ``predict(image, fine=False)`` returns. Ignored when ``fine`` is False.
+        ``predict(image, fine=False)`` returns. Ignored when ``fine`` is False. ``check=False``:
+        the image was already validated (:func:`validate_ct`), so its warnings are not repeated.
         """
-        validate_ct(image)
+        if check:
+            validate_ct(image)
         t0 = time.perf_counter()
         self.progress("orient", 0.0)
         canonical_image, geom = to_canonical(image)
@@ -416,7 +418,8 @@ def segment_file(
             warnings.warn(f"the coarse output {coarse_out} was not written: without the fine stage the output "
                           f"{out} already is the coarse result", UserWarning, stacklevel=2)
             coarse_out = None
-        labels, info = pred.predict(image, fine=fine, organs=organs, keep_coarse=coarse_out is not None)
+        labels, info = pred.predict(image, fine=fine, organs=organs, keep_coarse=coarse_out is not None,
+                                    check=False)  # read_image validated it, naming the file
         t0 = time.perf_counter()
         write_image_atomic(labels, out)
         if coarse_out is not None:
