@@ -63,7 +63,10 @@ Fully automatic segmentation of 13 abdominal organs in CT (liver, kidneys, splee
 inferior vena cava, adrenal glands, gallbladder, esophagus, stomach, duodenum) with a small
 coarse-to-fine student network distilled from two cross-teaching teachers.
 Select a CT volume and press <b>Segment abdomen</b>. The organs are written into a segmentation
-(named, colored and coded with SNOMED CT terminology). The network runs in a separate process:
+(named, colored and coded with SNOMED CT terminology), by default a new one named after the volume.
+Running again into an existing segmentation replaces only the organ segments this module made:
+segments you added are kept, and the module asks before it fills a segmentation of another
+volume. Warnings and organs not found are shown under the button. The network runs in a separate process:
 <b>Cancel</b> stops it at once and a crash cannot affect Slicer. PyTorch and a few small Python
 packages are installed on first use.
 See the <a href="https://github.com/AbdomenKDSeg/SlicerAbdomenKDSeg">documentation</a>.
@@ -149,6 +152,7 @@ class AbdomenKDSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._updatingGUI = False
         self._pollTimer = None
         self._runOutput = None
+        self._lastInputVolumeID = None
 
     def setup(self) -> None:
         ScriptedLoadableModuleWidget.setup(self)
@@ -162,6 +166,7 @@ class AbdomenKDSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
         self._populateOrganList()
         self.ui.progressBar.setVisible(False)
+        self.ui.resultsLabel.setVisible(False)
         self._pollTimer = qt.QTimer()
         self._pollTimer.setInterval(100)
         self._pollTimer.connect("timeout()", self.onPollTimer)
@@ -219,6 +224,7 @@ class AbdomenKDSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self._parameterNode.disconnectGui(self._parameterNodeGuiTag)
             self.removeObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self.updateGUIFromParameterNode)
         self._parameterNode = inputParameterNode
+        self._lastInputVolumeID = None  # a parameter node's saved output is kept when it is (re)connected
         if self._parameterNode:
             self._parameterNodeGuiTag = self._parameterNode.connectGui(self.ui)
             self.addObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self.updateGUIFromParameterNode)
@@ -231,6 +237,8 @@ class AbdomenKDSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         if self._parameterNode is None:
             self._updateApplyButton()
             return
+        if self._resetOutputOnInputChange():
+            return  # the reset modified the parameter node: that update already refreshed the GUI
         self._updatingGUI = True
         try:
             selected = set(self.selectedOrganKeysFromParameter())
@@ -248,6 +256,20 @@ class AbdomenKDSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self._updateApplyButton()
         finally:
             self._updatingGUI = False
+
+    def _resetOutputOnInputChange(self) -> bool:
+        """A new input volume gets a new output: the output selector goes back to "Create new".
+
+        Otherwise a run on a second CT would overwrite the first CT's segmentation. True when the
+        output was reset.
+        """
+        inputVolume = self._parameterNode.inputVolume
+        inputID = inputVolume.GetID() if inputVolume else None
+        previousID, self._lastInputVolumeID = self._lastInputVolumeID, inputID
+        if previousID is None or inputID == previousID or not self._parameterNode.outputSegmentation:
+            return False
+        self._parameterNode.outputSegmentation = None
+        return True
 
     def _updateApplyButton(self) -> None:
         if self.logic.isRunning:
@@ -322,6 +344,17 @@ class AbdomenKDSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             slicer.util.errorDisplay(f"The segmentation cannot run: {exc}")
             return
         parameters = self._parameterNode
+        allowOtherVolume = False
+        otherVolume = self.logic.otherVolumeOfSegmentation(parameters.outputSegmentation, parameters.inputVolume)
+        if otherVolume is not None:
+            if not slicer.util.confirmOkCancelDisplay(
+                    f"The segmentation '{parameters.outputSegmentation.GetName()}' belongs to the volume "
+                    f"'{otherVolume}', not to '{parameters.inputVolume.GetName()}'.\n\n"
+                    "Replace its organ segments with the organs of this volume? Its other segments are kept.\n"
+                    "(Cancel, then choose \"Create new segmentation\" to keep it as it is.)",
+                    "Replace the organs of another volume?"):
+                return
+            allowOtherVolume = True
         self.addLog(f"--- Segmenting '{parameters.inputVolume.GetName()}' ---")
         try:
             self._runOutput = self.logic.segment(
@@ -334,6 +367,7 @@ class AbdomenKDSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 model=parameters.modelPath or None,
                 fine=parameters.fineStage,
                 keepCoarse=parameters.keepCoarseResult,
+                allowOtherVolume=allowOtherVolume,
             )
         except Exception as exc:
             slicer.util.errorDisplay(f"The segmentation could not start: {exc}")
@@ -341,6 +375,7 @@ class AbdomenKDSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.progressBar.value = 0
         self.ui.progressBar.setVisible(True)
         self.ui.statusLabel.text = "Starting ..."
+        self._showResults([])
         self._updateApplyButton()
         self._pollTimer.start()
 
@@ -366,10 +401,16 @@ class AbdomenKDSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         info = self.logic.lastRunInfo
         self._parameterNode.outputSegmentation = output
         self.ui.show3DButton.setSegmentationNode(output)
-        warningText = f" {len(info.warnings)} warning(s): see the log." if info.warnings else ""
-        self.ui.statusLabel.text = "Done." + warningText
-        self.ui.timingLabel.text = f"Last run: {info.summary()}"
+        count = len(info.warnings)
+        self.ui.statusLabel.text = f"Done, with {count} warning{'s' if count > 1 else ''}." if count else "Done."
+        self.ui.timingLabel.text = f"Last run ('{info.volume_name}'): {info.summary()}"
+        self._showResults(info.notes())
         slicer.util.setSliceViewerLayers(background=self._parameterNode.inputVolume)
+
+    def _showResults(self, notes: list) -> None:
+        """Warnings and empty organs of the last run, in the panel (hidden when there are none)."""
+        self.ui.resultsLabel.text = "\n".join(notes)
+        self.ui.resultsLabel.setVisible(bool(notes))
 
     def onCancel(self) -> None:
         self.logic.cancel()

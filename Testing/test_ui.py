@@ -102,6 +102,7 @@ def test_every_widget_used_by_the_module_exists_in_the_ui(module_ast):
     ("logCollapsibleButton", "ctkCollapsibleButton"),
     ("logTextEdit", "QPlainTextEdit"),
     ("timingLabel", "QLabel"),
+    ("resultsLabel", "QLabel"),
     ("advancedCollapsibleButton", "ctkCollapsibleButton"),
     ("modelPathLineEdit", "ctkPathLineEdit"),
     ("fineStageCheckBox", "QCheckBox"),
@@ -286,3 +287,55 @@ def test_parameter_node_annotations_evaluate(loaded_module):
     assert hints["fineStage"] == "bool" and hints["organs"] == "str" and hints["modelPath"] == "str"
     assert hints["keepCoarseResult"] == "bool"
     assert loaded_module["device_choices"] == ["Auto", "CPU", "CUDA"]
+
+
+def test_results_are_shown_in_the_panel_not_only_in_the_log(module_ast):
+    """Warnings and empty organs go to a visible label (outside the collapsed sections), as plain text."""
+    w = ui_widgets()
+    results = w["resultsLabel"]
+    for section in ("logCollapsibleButton", "advancedCollapsibleButton"):
+        assert "resultsLabel" not in descendants(w[section])
+    assert prop(results, "wordWrap") is True
+    assert prop(results, "textFormat") == "Qt::PlainText"  # a volume name is never read as HTML
+    source = ast.unparse(module_ast)
+    assert "self._showResults(info.notes())" in source
+    assert "see the log" not in source
+
+
+def test_widget_asks_before_filling_a_segmentation_of_another_volume(module_ast):
+    calls = [n for n in ast.walk(module_ast) if isinstance(n, ast.Call)]
+    segment_calls = [n for n in calls if isinstance(n.func, ast.Attribute) and n.func.attr == "segment"]
+    keywords = {k.arg: ast.unparse(k.value) for call in segment_calls for k in call.keywords}
+    assert keywords.get("allowOtherVolume") == "allowOtherVolume"
+    names = {ast.unparse(n.func) for n in calls}
+    assert "self.logic.otherVolumeOfSegmentation" in names and "slicer.util.confirmOkCancelDisplay" in names
+
+
+RESET_SCRIPT = LOAD_SCRIPT.split("parent = types.SimpleNamespace()")[0] + textwrap.dedent("""
+    class Volume:
+        def __init__(self, node_id):
+            self.node_id = node_id
+        def GetID(self):
+            return self.node_id
+    Widget = module.AbdomenKDSegWidget
+    widget = Widget.__new__(Widget)  # no Qt here: only the reset rule is exercised
+    widget._lastInputVolumeID = None
+    widget._parameterNode = types.SimpleNamespace(inputVolume=Volume("vtkMRMLScalarVolumeNode1"),
+                                                  outputSegmentation="organs of CT 1")
+    steps = [widget._resetOutputOnInputChange(), widget._parameterNode.outputSegmentation]
+    steps += [widget._resetOutputOnInputChange(), widget._parameterNode.outputSegmentation]
+    widget._parameterNode.inputVolume = Volume("vtkMRMLScalarVolumeNode2")
+    steps += [widget._resetOutputOnInputChange(), widget._parameterNode.outputSegmentation]
+    steps += [widget._resetOutputOnInputChange(), widget._parameterNode.outputSegmentation]
+    print(json.dumps(steps))
+""")
+
+
+def test_a_new_input_volume_resets_the_output_to_create_new():
+    proc = subprocess.run([sys.executable, "-c", RESET_SCRIPT, str(MODULE_FILE)], capture_output=True, text=True,
+                          timeout=120, cwd=REPO)
+    assert proc.returncode == 0, proc.stderr
+    steps = json.loads(proc.stdout.strip().splitlines()[-1])
+    # first sight of the parameter node (e.g. a loaded scene): its output is kept; same input: kept;
+    # another input volume: back to None ("Create new segmentation"), once.
+    assert steps == [False, "organs of CT 1", False, "organs of CT 1", True, None, False, None]
