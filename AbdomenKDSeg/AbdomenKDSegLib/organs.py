@@ -1,7 +1,9 @@
 """The organ table: the single source of truth for label values, names, colors and terminology.
 
 Label values follow the FLARE22 files (and the official FLARE22 evaluation script); 0 is
-background. Colors are Slicer's usual anatomical colors (RGB, 0..255). Terminology codes are
+background. Colors (RGB, 0..255) are the recommended display colors of Slicer's General Anatomy
+terminology, except the stomach's: Slicer's (216, 132, 105) is almost the liver's (221, 130, 101) and the
+two organs touch, so the stomach is teal. Terminology codes are
 SNOMED CT (coding scheme designator ``SCT``), category "Anatomical Structure".
 """
 
@@ -57,14 +59,14 @@ ORGANS: tuple[Organ, ...] = (
     Organ(5, "aorta", "Aorta", (224, 97, 76), ("SCT", "15825003", "Aorta"), None, 2.0, tubular=True),
     Organ(6, "inferior_vena_cava", "Inferior vena cava", (0, 151, 206),
           ("SCT", "64131007", "Inferior vena cava"), None, 2.0, tubular=True),
-    Organ(7, "right_adrenal_gland", "Right adrenal gland", (244, 214, 49),
+    Organ(7, "right_adrenal_gland", "Right adrenal gland", (249, 186, 150),
           ("SCT", "23451007", "Adrenal gland"), RIGHT, 2.0),
-    Organ(8, "left_adrenal_gland", "Left adrenal gland", (244, 214, 49),
+    Organ(8, "left_adrenal_gland", "Left adrenal gland", (249, 186, 150),
           ("SCT", "23451007", "Adrenal gland"), LEFT, 2.0),
     Organ(9, "gallbladder", "Gallbladder", (139, 150, 98), ("SCT", "28231008", "Gallbladder"), None, 2.0),
     Organ(10, "esophagus", "Esophagus", (211, 171, 143), ("SCT", "32849002", "Esophagus"), None, 3.0,
           tubular=True),
-    Organ(11, "stomach", "Stomach", (216, 132, 105), ("SCT", "69695003", "Stomach"), None, 5.0),
+    Organ(11, "stomach", "Stomach", (60, 180, 150), ("SCT", "69695003", "Stomach"), None, 5.0),
     Organ(12, "duodenum", "Duodenum", (255, 253, 229), ("SCT", "38848004", "Duodenum"), None, 7.0),
     Organ(13, "left_kidney", "Left kidney", (185, 102, 83), ("SCT", "64033007", "Kidney"), LEFT, 3.0),
 )
