@@ -15,6 +15,17 @@ AbdomenKDSegLib.worker``, see :mod:`AbdomenKDSegLib.worker`) that exchanges file
    result at full resolution, which fills a second segmentation "<volume name> organs (coarse)"
    the same way, to compare coarse and fine.
 
+The worker is persistent (``reuseWorker``, on by default): the first run starts it
+(``python -m AbdomenKDSegLib.worker --serve``), later runs send it their request over a local
+authenticated connection and find the model already loaded, so they pay neither the interpreter
+start, nor the imports, nor the model loading. A different Python, thread count, worker option or
+environment starts a new worker; a different model file (or the same file changed on disk), device
+or backend makes the worker load that model. Cancel, a crash or an unexpected error ends the worker
+(the next run starts a fresh one); :meth:`AbdomenKDSegLogic.shutdownWorker` ends it (the module
+calls it when its widget is cleaned up, the scene closes or the application quits; a logic that is
+garbage-collected ends its worker too). With ``reuseWorker = False`` every run starts a one-shot
+worker as before.
+
 Scripting waits for the worker (``waitForCompletion=True``); the GUI starts it with
 ``waitForCompletion=False`` and calls :meth:`AbdomenKDSegLogic.poll` from a timer.
 :meth:`AbdomenKDSegLogic.cancel` kills the worker's whole process tree (the ``PythonSlicer``
@@ -37,6 +48,7 @@ import json
 import logging
 import os
 import queue
+import secrets
 import shutil
 import signal
 import subprocess
@@ -87,6 +99,10 @@ STAGES: dict[str, tuple[str, float, float]] = {
     "done": ("Writing label map", 0.92, 0.94),
     "import": ("Importing segments", 0.94, 1.0),
 }
+
+
+#: Error types after which a persistent worker is kept (the user can fix them; see :mod:`.worker`).
+WORKER_USER_ERRORS = ("InputError", "BundleError", "AbdomenKDSegError")
 
 
 class WorkerError(AbdomenKDSegError):
@@ -215,6 +231,12 @@ def runtime_text(backend: str, device: str) -> str:
     return f"{BACKEND_NAMES.get(backend, backend)} on {where}" if backend else f"on {where}"
 
 
+def organ_volumes_ml(counts: dict[int, int], spacing: Any, organs: Any) -> dict[str, float]:
+    """Organ name -> mL of the ``organs`` present in ``counts`` (voxels), with voxel ``spacing`` in mm."""
+    voxel_ml = float(spacing[0]) * float(spacing[1]) * float(spacing[2]) / 1000.0
+    return {o.name: counts[o.value] * voxel_ml for o in organs if counts.get(o.value)}
+
+
 @dataclass
 class RunInfo:
     """What the last successful run did: runtime used, seconds per stage, organ voxel counts, warnings.
@@ -231,6 +253,13 @@ class RunInfo:
     backend: str = ""
     empty_organs: list[str] = field(default_factory=list)
     volume_name: str = ""
+    #: organ name -> volume in mL (organs found), in organ order
+    volumes_ml: dict[str, float] = field(default_factory=dict)
+
+    def volume_rows(self) -> list[tuple[str, str]]:
+        """(organ, volume text) for the panel's table: the organs found in mL, then those not found."""
+        rows = [(name, f"{ml:.1f}") for name, ml in self.volumes_ml.items()]
+        return rows + [(name, "not found") for name in self.empty_organs]
 
     def summary(self) -> str:
         """One line such as ``"8.1 s, OpenVINO on CPU (coarse 4.2 s, fine 2.9 s, ...)"``."""
@@ -257,9 +286,15 @@ class WorkerJob:
     ones are kept for error messages. Both are read by daemon threads so the pipes never fill.
     """
 
-    def __init__(self, command: list[str], env: dict[str, str], temp_dir: Path) -> None:
+    def __init__(self, command: list[str], env: dict[str, str], temp_dir: Path | None) -> None:
         self.command = command
         self.temp_dir = temp_dir
+        #: serve mode: the connection requests go over (see :meth:`connect`), and its key
+        self.connection: Any = None
+        self.key: bytes = b""
+        #: serve mode: the worker's identity (:meth:`AbdomenKDSegLogic._worker_identity`) and runs served
+        self.identity: tuple[Any, ...] = ()
+        self.runs = 0
         self.events: queue.Queue[dict[str, Any]] = queue.Queue()
         self.stderr_tail: deque[str] = deque(maxlen=40)
         kwargs: dict[str, Any] = {}
@@ -322,8 +357,36 @@ class WorkerJob:
             except queue.Empty:
                 return out
 
+    def alive(self) -> bool:
+        """True while the worker process (the launcher, when there is one) runs."""
+        return self.process.poll() is None
+
+    def connect(self, address: Any, family: str) -> None:
+        """Serve mode: connect to the worker's listener (it is waiting in ``accept``)."""
+        from multiprocessing.connection import Client
+
+        if isinstance(address, list):
+            address = tuple(address)
+        self.connection = Client(address, family=family, authkey=self.key)
+
+    def send(self, message: dict[str, Any]) -> None:
+        """Serve mode: send one request (raises OSError when the worker is gone)."""
+        if self.connection is None:
+            raise OSError("the worker is not connected")
+        self.connection.send_bytes(json.dumps(message).encode("utf-8"))
+
+    def close_connection(self) -> None:
+        """Close the serve connection: a serving worker ends at its end-of-file."""
+        connection, self.connection = self.connection, None
+        if connection is not None:
+            try:
+                connection.close()
+            except OSError:
+                pass
+
     def kill(self, timeout: float = CANCEL_TIMEOUT_S) -> None:
         """Kill the worker's process tree (launcher and real Python) and wait until it is gone."""
+        self.close_connection()
         kill_process_tree(self.process)
         try:
             self.process.wait(timeout=timeout)
@@ -336,10 +399,23 @@ class WorkerJob:
         _RUNNING_JOBS.discard(self)
 
     def cleanup(self) -> None:
-        """Remove the temporary folder (input copy and label map) and close the stdin pipe."""
+        """Remove the temporary folder (input copy and label map, if any), close the pipes."""
+        self.close_connection()
         self._close_stdin()
-        shutil.rmtree(self.temp_dir, ignore_errors=True)
+        if self.temp_dir is not None:
+            shutil.rmtree(self.temp_dir, ignore_errors=True)
         _RUNNING_JOBS.discard(self)
+
+    def shutdown(self, timeout: float = CANCEL_TIMEOUT_S) -> None:
+        """End a serving worker: close its connection, wait up to ``timeout`` s, then kill its tree."""
+        self.close_connection()
+        self._close_stdin()
+        try:
+            self.process.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            pass
+        self.kill(timeout=timeout)  # also any child a launcher left behind
+        self.cleanup()
 
     def _close_stdin(self) -> None:
         try:
@@ -376,6 +452,19 @@ class _Run:
     result_event: dict[str, Any] | None = None
     error_event: dict[str, Any] | None = None
     last_fraction: float = 0.0
+    #: the run's exchange folder (a persistent worker outlives it)
+    temp_dir: Path | None = None
+    #: persistent worker: the request (id and one-shot options) and whether it was sent
+    request_id: int = 0
+    request_argv: list[str] = field(default_factory=list)
+    persistent: bool = False
+    sent: bool = False
+
+
+def _shutdown_held_worker(holder: list[WorkerJob]) -> None:
+    """End the persistent worker a logic held (its finalizer: the logic itself is gone)."""
+    while holder:
+        holder.pop().shutdown(timeout=1.0)
 
 
 class AbdomenKDSegLogic:
@@ -387,7 +476,10 @@ class AbdomenKDSegLogic:
     ``modelPath`` (model bundle; None = the bundled default), ``fineStage`` (run the fine stage),
     ``keepCoarseResult`` (also output the coarse result, see :meth:`segment`),
     ``threads`` (torch CPU threads in the worker, 0 = default), ``workerExtraArgs`` (extra
-    worker options), ``logCallback`` (called with each log line; default: the ``logging`` module).
+    worker options), ``backend`` (network runtime on the CPU: "auto", "torch", "onnx",
+    "openvino"), ``reuseWorker`` (keep one worker with the model loaded between runs, default
+    True; :meth:`shutdownWorker` ends it), ``logCallback`` (called with each log line; default:
+    the ``logging`` module).
     After a successful run: ``lastRunInfo`` and ``lastCoarseSegmentationNode`` (None unless the
     coarse result was kept).
     """
@@ -400,11 +492,17 @@ class AbdomenKDSegLogic:
         self.fineStage: bool = True
         self.keepCoarseResult: bool = False
         self.threads: int = 0
+        self.backend: str = "auto"
+        self.reuseWorker: bool = True
         self.logCallback: Optional[Callable[[str], None]] = None
         self.lastRunInfo: RunInfo | None = None
         self.lastCoarseSegmentationNode: Any = None
         self._run: _Run | None = None
         self._cancelRequested = False
+        #: the persistent worker (at most one), in a list its finalizer shares with this logic
+        self._held: list[WorkerJob] = []
+        self._requests = 0
+        weakref.finalize(self, _shutdown_held_worker, self._held)
 
     # ------------------------------------------------------------------ public API
     @property
@@ -414,8 +512,36 @@ class AbdomenKDSegLogic:
 
     @property
     def workerPid(self) -> int | None:
-        """Process id of the running worker, or None."""
-        return self._run.job.pid if self._run else None
+        """Process id of the running worker, else of the persistent worker waiting for the next run, else None.
+
+        Inside Slicer that is the ``PythonSlicer`` launcher's pid (the real Python is its child).
+        """
+        if self._run is not None:
+            return self._run.job.pid
+        worker = self._held[0] if self._held else None
+        return worker.pid if worker is not None and worker.alive() else None
+
+    @property
+    def workerRunning(self) -> bool:
+        """True while a persistent worker is running (idle or busy)."""
+        return bool(self._held) and self._held[0].alive()
+
+    def shutdownWorker(self) -> bool:
+        """End the persistent worker (a running segmentation is cancelled first); False if none ran.
+
+        Closing the connection ends it within a moment; its process tree is killed after 2 s.
+        The next :meth:`segment` starts a new one. Safe to call at any time, also twice.
+        """
+        if self._run is not None:
+            self.cancel()
+        if not self._held:
+            return False
+        worker = self._held.pop()
+        was_alive = worker.alive()
+        worker.shutdown()
+        if was_alive:
+            self.log(f"Worker (process {worker.pid}) ended.")
+        return was_alive
 
     def segment(
         self,
@@ -472,21 +598,24 @@ class AbdomenKDSegLogic:
         keep_coarse = run_fine and (self.keepCoarseResult if keepCoarse is None else bool(keepCoarse))
 
         self._cancelRequested = False
+        start_time = time.perf_counter()
         temp_dir = Path(tempfile.mkdtemp(prefix="AbdomenKDSeg-"))
         created = outputSegmentationNode is None
+        persistent = bool(self.reuseWorker)
         try:
             self._report(progress, "export", 0.0)
             input_path = self.write_volume(inputVolumeNode, temp_dir / "input.nrrd")
             output_path = temp_dir / "labels.nrrd"
             coarse_path = temp_dir / "coarse.nrrd" if keep_coarse else None
-            command = self.worker_command(input_path, output_path, device, organ_list, model_path, run_fine,
-                                          coarse_output=coarse_path)
-            self.log(f"Starting worker: {' '.join(command)}")
-            try:
-                job = WorkerJob(command, self.worker_environment(), temp_dir)
-            except OSError as exc:
-                python = " ".join(python_command(self.pythonExecutable))
-                raise WorkerError(f"could not start the worker with Python '{python}': {exc}") from exc
+            if persistent:
+                argv = self.worker_request_args(input_path, output_path, device, organ_list, model_path, run_fine,
+                                                coarse_output=coarse_path)
+                job = self._persistent_worker()
+            else:
+                command = self.worker_command(input_path, output_path, device, organ_list, model_path, run_fine,
+                                              coarse_output=coarse_path)
+                self.log(f"Starting worker: {' '.join(command)}")
+                job = self._start_job(command, self.worker_environment(), temp_dir)
         except BaseException:
             shutil.rmtree(temp_dir, ignore_errors=True)
             raise
@@ -494,11 +623,75 @@ class AbdomenKDSegLogic:
             outputSegmentationNode = scene.AddNewNodeByClass(
                 "vtkMRMLSegmentationNode", f"{inputVolumeNode.GetName()} organs")
         self._run = _Run(job, inputVolumeNode, outputSegmentationNode, created, organ_list, output_path,
-                         progress, run_fine, time.perf_counter(), coarse_path, input_path)
+                         progress, run_fine, start_time, coarse_path, input_path, temp_dir=temp_dir,
+                         persistent=persistent)
+        if persistent:
+            self._requests += 1
+            self._run.request_id, self._run.request_argv = self._requests, argv
+            job.runs += 1
+            self.log(f"Worker request {self._requests} (process {job.pid}, run {job.runs}): {' '.join(argv)}")
+            if job.connection is not None:
+                self._send_request(self._run)
         self._report(progress, "started", 0.0, self._run)
         if waitForCompletion:
             self.wait()
         return outputSegmentationNode
+
+    def _start_job(self, command: list[str], env: dict[str, str], temp_dir: Path | None) -> WorkerJob:
+        try:
+            return WorkerJob(command, env, temp_dir)
+        except OSError as exc:
+            python = " ".join(python_command(self.pythonExecutable))
+            raise WorkerError(f"could not start the worker with Python '{python}': {exc}") from exc
+
+    def _worker_identity(self, env: dict[str, str]) -> tuple[Any, ...]:
+        """What a persistent worker was started with; a change needs a new worker."""
+        return (tuple(python_command(self.pythonExecutable)), self.workerModule, int(self.threads),
+                tuple(str(a) for a in self.workerExtraArgs), tuple(sorted(env.items())))
+
+    def _persistent_worker(self) -> WorkerJob:
+        """The persistent worker for this run: the running one if it still fits, else a new one."""
+        env = self.worker_environment()
+        identity = self._worker_identity(env)
+        if self._held:
+            worker = self._held[0]
+            if not worker.alive():
+                self._handle_idle_events(worker)
+                self.log(f"The worker (process {worker.pid}) had stopped (exit code {worker.process.returncode}); "
+                         "starting a new one")
+            elif worker.identity != identity:
+                self.log(f"Worker settings changed (Python, threads, options or environment): ending the worker "
+                         f"(process {worker.pid}) and starting a new one")
+            else:
+                self._handle_idle_events(worker)
+                self.log(f"Reusing the running worker (process {worker.pid})")
+                return worker
+            self._held.pop()
+            worker.shutdown(timeout=1.0)
+        command = self.serve_command()
+        self.log(f"Starting worker: {' '.join(command)}")
+        key = secrets.token_bytes(32)
+        from .worker import KEY_ENV
+
+        worker = self._start_job(command, {**env, KEY_ENV: key.hex()}, None)
+        worker.key, worker.identity = key, identity
+        self._held.append(worker)
+        return worker
+
+    def _handle_idle_events(self, worker: WorkerJob) -> None:
+        """Log what an idle persistent worker wrote since its last run."""
+        for event in worker.drain():
+            if event.get("event") == "log":
+                self.log(str(event.get("line", "")))
+
+    def _send_request(self, run: _Run) -> None:
+        """Send the run's request to its (connected) persistent worker; a failure ends that worker."""
+        try:
+            run.job.send({"id": run.request_id, "argv": run.request_argv})
+            run.sent = True
+        except (OSError, ValueError) as exc:
+            self.log(f"Could not send the request to the worker (process {run.job.pid}): {exc}")
+            run.job.kill()  # poll() then reports the stopped worker
 
     def poll(self) -> bool:
         """Process worker messages; finalize when it has exited. True while still running.
@@ -514,6 +707,9 @@ class AbdomenKDSegLogic:
             return False
         self._handle_events(run, run.job.drain())
         if self._run is not run:  # cancelled from the progress callback
+            return False
+        if run.persistent and (run.result_event is not None or run.error_event is not None):
+            self._finalize(run)
             return False
         if not run.job.finished():
             return True
@@ -549,6 +745,10 @@ class AbdomenKDSegLogic:
         self._run = None
         run.job.kill()
         run.job.cleanup()
+        if run.temp_dir is not None:
+            shutil.rmtree(run.temp_dir, ignore_errors=True)
+        if run.job in self._held:  # the next run starts a fresh worker
+            self._held.remove(run.job)
         self._discard_output(run)
         self.log("Segmentation cancelled.")
         return True
@@ -646,6 +846,30 @@ class AbdomenKDSegLogic:
             raise WorkerError(f"the worker finished but its label map {path} could not be read")
         return node
 
+    def serve_command(self) -> list[str]:
+        """Command line that starts the persistent worker (``--serve``)."""
+        cmd = [*python_command(self.pythonExecutable), "-m", self.workerModule, "--serve",
+               "--parent-pid", str(os.getpid()), "--watch-stdin"]
+        if self.threads > 0:
+            cmd += ["--threads", str(self.threads)]
+        return cmd + [str(a) for a in self.workerExtraArgs]
+
+    def worker_request_args(self, input_path: Path, output_path: Path, device: str, organs: list[Organ],
+                            model: Path | None, fine: bool, coarse_output: Path | None = None) -> list[str]:
+        """The options of one run, as the persistent worker receives them (one-shot options)."""
+        argv = ["--input", str(input_path), "--output", str(output_path), "--device", device]
+        if self.backend and self.backend != "auto":
+            argv += ["--backend", str(self.backend)]
+        if len(organs) < len(BY_VALUE):
+            argv += ["--organs", ",".join(str(o.value) for o in organs)]
+        if model is not None:
+            argv += ["--model", str(model)]
+        if not fine:
+            argv.append("--no-fine")
+        if coarse_output is not None:
+            argv += ["--coarse-output", str(coarse_output)]
+        return argv
+
     def worker_command(self, input_path: Path, output_path: Path, device: str, organs: list[Organ],
                        model: Path | None, fine: bool, coarse_output: Path | None = None) -> list[str]:
         """Command line that runs the worker for one segmentation (``coarse_output``: keep coarse result)."""
@@ -659,6 +883,8 @@ class AbdomenKDSegLogic:
             cmd.append("--no-fine")
         if coarse_output is not None:
             cmd += ["--coarse-output", str(coarse_output)]
+        if self.backend and self.backend != "auto":
+            cmd += ["--backend", str(self.backend)]
         if self.threads > 0:
             cmd += ["--threads", str(self.threads)]
         return cmd + [str(a) for a in self.workerExtraArgs]
@@ -749,10 +975,20 @@ class AbdomenKDSegLogic:
             if self._run is not run:  # cancelled from a callback
                 return
             kind = event.get("event")
+            if run.persistent and "request" in event and event.get("request") != run.request_id:
+                continue  # an earlier request's event (none is expected)
             if kind == "progress":
                 self._report(run.progress, str(event.get("stage", "")), float(event.get("fraction", 0.0)), run)
             elif kind == "started":
                 self.log(f"Worker started (process {event.get('pid')}, {event.get('python')})")
+                if run.persistent and run.job.connection is None and event.get("address"):
+                    try:
+                        run.job.connect(event["address"], str(event.get("family", "AF_UNIX")))
+                    except (OSError, EOFError, ValueError) as exc:
+                        self.log(f"Could not connect to the worker (process {run.job.pid}): {exc}")
+                        run.job.kill()
+                        continue
+                    self._send_request(run)
             elif kind == "done":
                 run.result_event = event
             elif kind == "error":
@@ -761,16 +997,25 @@ class AbdomenKDSegLogic:
                 self.log(str(event.get("line", "")))
 
     def _finalize(self, run: _Run) -> None:
-        """The worker has exited: import its result or raise its error; always clean up."""
+        """The worker has exited (or, persistent, answered): import its result or raise its error; clean up.
+
+        A persistent worker is kept after a success and after an error the user can fix (bad
+        input, bad model); after anything else (crash, out of memory, unexpected error) it is
+        ended, and the next run starts a fresh one.
+        """
         self._run = None
-        code = run.job.process.returncode
+        code = run.job.process.returncode if not run.persistent else run.job.process.poll()
+        keep_worker = run.persistent and run.job.alive() and (
+            run.result_event is not None
+            or (run.error_event is not None and str(run.error_event.get("type")) in WORKER_USER_ERRORS))
         try:
-            if code == 0 and run.result_event is not None:
+            if (code == 0 or (run.persistent and code is None)) and run.result_event is not None:
                 self._report(run.progress, "import", 0.0, run)
                 self._import_result(run)
                 self._report(run.progress, "import", 1.0, run)
                 return
-            run.job.kill()  # a launcher that died may have left its child behind
+            if not keep_worker:
+                run.job.kill()  # a launcher that died may have left its child behind
             self._discard_output(run)
             raise self._error_from(run, code)
         except BaseException:
@@ -778,7 +1023,16 @@ class AbdomenKDSegLogic:
                 self._discard_output(run)
             raise
         finally:
-            run.job.cleanup()
+            if run.persistent:
+                if run.temp_dir is not None:
+                    shutil.rmtree(run.temp_dir, ignore_errors=True)
+                if not keep_worker:
+                    run.job.kill()
+                    run.job.cleanup()
+                    if run.job in self._held:
+                        self._held.remove(run.job)
+            else:
+                run.job.cleanup()
 
     def _error_from(self, run: _Run, code: int) -> AbdomenKDSegError:
         """The exception that describes a failed worker."""
@@ -836,6 +1090,7 @@ class AbdomenKDSegLogic:
             backend=str(event.get("backend", "")),
             empty_organs=[o.name for o in run.organs if o.value not in counts],
             volume_name=run.input_node.GetName() or "",
+            volumes_ml=organ_volumes_ml(counts, run.input_node.GetSpacing(), run.organs),
         )
         for note in self.lastRunInfo.notes():
             self.log(note)

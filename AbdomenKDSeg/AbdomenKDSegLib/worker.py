@@ -1,11 +1,25 @@
 """Worker process of the Slicer module: runs :func:`inference.segment_file` and reports over stdout.
 
-Started by :class:`AbdomenKDSegLib.logic.AbdomenKDSegLogic` as
-``<python> -m AbdomenKDSegLib.worker --input IN.nrrd --output OUT.nrrd [--model M] [--device D]
-[--organs 1,5,13] [--no-fine] [--coarse-output COARSE.nrrd] [--parent-pid PID] [--watch-stdin]``.
+Started by :class:`AbdomenKDSegLib.logic.AbdomenKDSegLogic` in one of two modes:
+
+- one-shot: ``<python> -m AbdomenKDSegLib.worker --input IN.nrrd --output OUT.nrrd [--model M]
+  [--device D] [--backend B] [--organs 1,5,13] [--no-fine] [--coarse-output COARSE.nrrd]
+  [--parent-pid PID] [--watch-stdin]``: one segmentation, then the process exits;
+- serve (the logic's default): ``<python> -m AbdomenKDSegLib.worker --serve [--parent-pid PID]
+  [--watch-stdin] [--threads N]``: a persistent worker that keeps the loaded networks between
+  runs, so a second segmentation pays neither the interpreter start, nor the imports, nor the
+  model loading (:class:`Engine`). It listens on a local, authenticated connection
+  (:mod:`multiprocessing.connection`: a Unix socket, a named pipe on Windows; the key comes in
+  ``$ABDOMENKDSEG_WORKER_KEY``) whose address it reports in its ``started`` event; each message
+  there is one request, a JSON object ``{"id": int, "argv": [one-shot options]}`` (the options of
+  the one-shot mode from ``--input`` on; ``{"shutdown": true}`` ends the worker). The worker ends
+  when that connection closes (the logic ended it, or Slicer is gone: the OS closes it), after an
+  unexpected failure of a request (the logic then starts a fresh worker), and as below.
+  The connection, not stdin, carries the requests because a launcher may not forward stdin.
+
 Running the network in its own process means a CUDA crash or an out-of-memory kill cannot take
-Slicer down, Cancel is a process kill, memory is returned after each run, and freshly installed
-packages work without restarting Slicer.
+Slicer down and Cancel is a process kill (a cancelled or crashed persistent worker is replaced by
+a fresh one on the next run).
 
 Lifetime: the worker follows Slicer itself, not its own parent process (inside Slicer that is the
 ``PythonSlicer`` launcher, which starts the real Python as its child and waits). It exits with
@@ -15,13 +29,18 @@ whose other end only Slicer holds) reaches end-of-file while Slicer is gone.
 
 Protocol: every line the worker writes to stdout is one JSON object with an ``event`` key:
 
-- ``{"event": "started", "pid": int, "python": str}``: the worker is alive;
+- ``{"event": "started", "pid": int, "python": str}``: the worker is alive (serve mode: also
+  ``"address"``, where to connect, and ``"family"``);
 - ``{"event": "progress", "stage": str, "fraction": float}``: fraction of that stage in [0, 1];
 - ``{"event": "done", "output": str, "device": str, "backend": str, "timings": {stage: seconds},
   "voxel_counts": {value: count}, "warnings": [str]}``: the label map was written; with
   ``--coarse-output`` (and the fine stage on) also ``"coarse_output": str``, the coarse result's file;
 - ``{"event": "error", "type": str, "message": str, "warnings": [str]}``: a handled failure (exit
   code 2 for input/model errors, 1 for anything unexpected).
+
+In serve mode the events of a request carry ``"request": id``; each request ends with exactly one
+``done`` or ``error`` event (an ``error`` of type InputError or BundleError leaves the worker
+serving; after any other the worker exits with code 1).
 
 Warnings are reported only in these events, each once (not also printed on stderr). Everything
 else (library chatter, tracebacks) goes to stderr, which the logic keeps for its log.
@@ -31,12 +50,14 @@ from __future__ import annotations
 
 import argparse
 import faulthandler
+import gc
 import json
 import os
 import sys
 import threading
 import time
 import warnings
+from pathlib import Path
 from typing import Any, Callable, TextIO
 
 #: Exit code for errors the user can fix (bad input, missing or corrupt model).
@@ -45,6 +66,10 @@ EXIT_USER_ERROR = 2
 EXIT_FAILURE = 1
 #: Exit code when the process the worker works for (Slicer) is gone.
 EXIT_ORPHANED = 3
+#: Environment variable holding the serve mode's connection key (hex); never on the command line.
+KEY_ENV = "ABDOMENKDSEG_WORKER_KEY"
+#: Error types after which a serving worker goes on serving (the user can fix them).
+USER_ERRORS = ("InputError", "BundleError", "AbdomenKDSegError")
 
 
 class EventWriter:
@@ -53,10 +78,13 @@ class EventWriter:
     def __init__(self, stream: TextIO) -> None:
         self.stream = stream
         self._last_progress: tuple[str, float] | None = None
+        #: serve mode: id of the request being worked on, added to every event as ``"request"``
+        self.request: int | None = None
 
     def emit(self, event: str, **fields: Any) -> None:
         """Write one event line."""
-        self.stream.write(json.dumps({"event": event, **fields}) + "\n")
+        extra = {} if self.request is None else {"request": self.request}
+        self.stream.write(json.dumps({"event": event, **fields, **extra}) + "\n")
         self.stream.flush()
 
     def progress(self, stage: str, fraction: float) -> None:
@@ -83,10 +111,14 @@ def protocol_stream() -> TextIO:
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """Command-line options of the worker."""
     p = argparse.ArgumentParser(prog="python -m AbdomenKDSegLib.worker", description=__doc__.splitlines()[0])
-    p.add_argument("--input", required=True, help="CT volume file (NRRD/NIfTI) or DICOM folder")
-    p.add_argument("--output", required=True, help="label map file to write (.nrrd or .nii.gz)")
+    p.add_argument("--serve", action="store_true",
+                   help="persistent worker: serve requests over a local connection (see the module's help)")
+    p.add_argument("--input", default=None, help="CT volume file (NRRD/NIfTI) or DICOM folder")
+    p.add_argument("--output", default=None, help="label map file to write (.nrrd or .nii.gz)")
     p.add_argument("--model", default=None, help="model bundle (.safetensors); default: the bundled one")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    p.add_argument("--backend", default="auto", choices=["auto", "torch", "onnx", "openvino"],
+                   help="network runtime on the CPU (auto: the fastest installed)")
     p.add_argument("--organs", default=None, help="comma-separated organ keys or label values")
     p.add_argument("--no-fine", dest="fine", action="store_false", help="coarse stage only")
     p.add_argument("--coarse-output", default=None,
@@ -100,7 +132,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     # Test hooks, hidden from --help: a slow start (to test Cancel) and a native crash.
     p.add_argument("--debug-delay", type=float, default=0.0, help=argparse.SUPPRESS)
     p.add_argument("--debug-crash", action="store_true", help=argparse.SUPPRESS)
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if not args.serve and (args.input is None or args.output is None):
+        p.error("--input and --output are required (or --serve)")
+    return args
 
 
 def organ_list(text: str | None) -> list[str] | None:
@@ -115,6 +150,11 @@ def run(args: argparse.Namespace, events: EventWriter,
         segment: Callable[..., Any] | None = None) -> int:
     """Run one segmentation, reporting through ``events``; returns the process exit code."""
     events.emit("started", pid=os.getpid(), python=sys.executable)
+    return run_request(args, events, segment)
+
+
+def run_request(args: argparse.Namespace, events: EventWriter, segment: Callable[..., Any] | None = None) -> int:
+    """One segmentation (after the ``started`` event): 0, or the exit code of its failure."""
     if args.debug_delay > 0:
         events.progress("waiting", 0.0)
         time.sleep(args.debug_delay)
@@ -145,7 +185,9 @@ def _run_engine(args: argparse.Namespace, events: EventWriter, segment: Callable
     try:
         if segment is None:
             segment = load_engine(args.threads)
-        extra = {} if args.coarse_output is None else {"coarse_output": args.coarse_output}
+        extra: dict[str, Any] = {} if args.coarse_output is None else {"coarse_output": args.coarse_output}
+        if getattr(args, "backend", "auto") != "auto":
+            extra["backend"] = args.backend
         result = segment(
             args.input, args.output, model=args.model, device=args.device, fine=args.fine,
             organs=organ_list(args.organs), progress=events.progress, **extra,
@@ -183,14 +225,79 @@ def _run_engine(args: argparse.Namespace, events: EventWriter, segment: Callable
 
 
 def load_engine(threads: int = 0) -> Callable[..., Any]:
-    """Import the engine (torch and friends) and return ``segment_file``."""
-    import torch
+    """Import the engine (torch and friends) and return a ``segment_file``-like callable (:class:`Engine`)."""
+    return Engine(threads).segment
 
-    if threads > 0:
-        torch.set_num_threads(threads)
-    from .inference import segment_file
 
-    return segment_file
+class Engine:
+    """The engine with its loaded networks, kept between the requests of a serving worker.
+
+    :meth:`segment` takes :func:`inference.segment_file`'s arguments (plus ``backend``) and reuses
+    the :class:`inference.Predictor` while the model file (path, size, modification time), the
+    device and the backend asked for are the same; anything else loads the new model (the old
+    one is dropped first, so two models never share the memory). Warnings raised while loading
+    (e.g. CUDA asked for but unavailable) are repeated on every run that reuses the predictor.
+    A predictor that fell back to the CPU during a run (CUDA out of memory) is not reused.
+    """
+
+    def __init__(self, threads: int = 0) -> None:
+        import torch
+
+        if threads > 0:
+            torch.set_num_threads(threads)
+        from . import inference
+
+        self._inference = inference
+        self.predictor: Any = None
+        self.key: tuple[Any, ...] | None = None
+        self.device_loaded = ""
+        self.load_warnings: list[warnings.WarningMessage] = []
+        #: how many times a model was loaded (tests and benchmarks read it)
+        self.loads = 0
+
+    @staticmethod
+    def model_key(model: Any, device: str, backend: str) -> tuple[Any, ...]:
+        """What identifies a loaded predictor: the model file as it is now, device and backend."""
+        from .bundle import default_bundle_path
+
+        path = Path(model) if model is not None else default_bundle_path()
+        try:
+            st = path.stat()
+            stamp: tuple[Any, ...] = (st.st_size, st.st_mtime_ns)
+        except OSError:
+            stamp = ()
+        return (str(path.resolve()), stamp, str(device), str(backend))
+
+    def forget(self) -> None:
+        """Drop the loaded networks (and free their memory)."""
+        self.predictor, self.key, self.load_warnings = None, None, []
+        gc.collect()
+
+    def segment(self, input_path: Any, output_path: Any, model: Any = None, device: str = "auto",
+                fine: bool = True, organs: Any = None, progress: Any = None, coarse_output: Any = None,
+                backend: str = "auto") -> Any:
+        """:func:`inference.segment_file` with the predictor kept for the next call."""
+        key = self.model_key(model, device, backend)
+        if self.key != key or self.predictor is None:
+            self.forget()
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                self.predictor = self._inference.Predictor(model, device=device, progress=progress, backend=backend)
+            self.key, self.load_warnings, self.loads = key, list(caught), self.loads + 1
+            self.device_loaded = str(self.predictor.device)
+        for w in self.load_warnings:  # what loading said, for this run too
+            warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+        try:
+            result = self._inference.segment_file(input_path, output_path, device=device, fine=fine, organs=organs,
+                                                  progress=progress, predictor=self.predictor,
+                                                  coarse_output=coarse_output)
+        except BaseException:
+            if str(self.predictor.device) != self.device_loaded:
+                self.forget()
+            raise
+        if str(self.predictor.device) != self.device_loaded:  # fell back to the CPU: load afresh next time
+            self.forget()
+        return result
 
 
 def missing_package_message(exc: ImportError) -> str:
@@ -320,12 +427,90 @@ def exit_when_orphaned(parent: int | None = None, interval: float = 1.0, watch_s
     return watch
 
 
+def listen(key: bytes) -> Any:
+    """A :class:`multiprocessing.connection.Listener` only this worker's starter can connect to.
+
+    Linux: an abstract Unix socket (no file); other POSIX: a Unix socket in a private folder;
+    Windows: a named pipe. ``key`` authenticates the client (HMAC challenge).
+    """
+    import secrets
+    import tempfile
+    from multiprocessing.connection import Listener
+
+    name = f"AbdomenKDSeg-{os.getpid()}-{secrets.token_hex(8)}"
+    if os.name == "nt":
+        return Listener(rf"\\.\pipe\{name}", family="AF_PIPE", authkey=key)
+    if sys.platform.startswith("linux"):
+        return Listener("\0" + name, family="AF_UNIX", authkey=key)
+    folder = tempfile.mkdtemp(prefix="AbdomenKDSeg-worker-")
+    return Listener(os.path.join(folder, "socket"), family="AF_UNIX", authkey=key)
+
+
+def request_args(serve_args: argparse.Namespace, argv: list[str]) -> argparse.Namespace:
+    """A request's options (one-shot options from ``--input`` on) with the worker's own settings."""
+    args = parse_args([str(a) for a in argv])
+    if args.serve or args.input is None or args.output is None:
+        raise ValueError("a request needs --input and --output and no --serve")
+    args.threads = serve_args.threads
+    args.debug_delay = args.debug_delay or serve_args.debug_delay
+    args.debug_crash = args.debug_crash or serve_args.debug_crash
+    return args
+
+
+def serve(args: argparse.Namespace, events: EventWriter, key: bytes,
+          make_engine: Callable[[int], Any] | None = None) -> int:
+    """Serve requests until the connection closes (0), or an unexpected failure (its exit code)."""
+    listener = listen(key)
+    address = listener.address
+    if isinstance(address, bytes):  # a Linux abstract socket name
+        address = address.decode("utf-8")
+    events.emit("started", pid=os.getpid(), python=sys.executable, address=address,
+                family="AF_PIPE" if os.name == "nt" else "AF_UNIX")
+    try:
+        conn = listener.accept()
+    finally:
+        listener.close()  # one client only; a Unix socket file is removed here
+    engines: list[Any] = []
+
+    def segment(*a: Any, **kw: Any) -> Any:  # the engine is loaded by the first request, then kept
+        if not engines:
+            engines.append((make_engine or Engine)(args.threads))
+        return engines[0].segment(*a, **kw)
+
+    while True:
+        try:
+            message = json.loads(conn.recv_bytes().decode("utf-8"))
+        except (EOFError, OSError, ValueError):  # the logic closed the connection, or Slicer is gone
+            return 0
+        if not isinstance(message, dict) or message.get("shutdown"):
+            return 0
+        events.request = int(message.get("id", 0))
+        try:
+            try:
+                req = request_args(args, list(message.get("argv", [])))
+            except (SystemExit, ValueError) as exc:
+                events.emit("error", type="WorkerError", message=f"invalid request {message}: {exc}", warnings=[])
+                return EXIT_FAILURE
+            code = run_request(req, events, segment)
+        finally:
+            events.request = None
+        if code not in (0, EXIT_USER_ERROR):
+            return code
+        gc.collect()
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of ``python -m AbdomenKDSegLib.worker``."""
     faulthandler.enable(file=sys.stderr)
     args = parse_args(argv)
     exit_when_orphaned(args.parent_pid, watch_stdin=args.watch_stdin)
     events = EventWriter(protocol_stream())
+    if args.serve:
+        key = os.environ.pop(KEY_ENV, "")
+        if not key:
+            events.emit("error", type="WorkerError", message=f"--serve needs ${KEY_ENV}", warnings=[])
+            return EXIT_FAILURE
+        return serve(args, events, bytes.fromhex(key))
     return run(args, events)
 
 
