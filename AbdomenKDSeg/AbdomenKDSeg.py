@@ -173,6 +173,9 @@ class AbdomenKDSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
         self.addObserver(slicer.mrmlScene, slicer.mrmlScene.StartCloseEvent, self.onSceneStartClose)
         self.addObserver(slicer.mrmlScene, slicer.mrmlScene.EndCloseEvent, self.onSceneEndClose)
+        app = getattr(slicer, "app", None)
+        if app is not None and hasattr(app, "connect"):  # the persistent worker ends with the application
+            app.connect("aboutToQuit()", self.onAboutToQuit)
 
         self.ui.applyButton.connect("clicked(bool)", self.onApplyButton)
         self.ui.installDependenciesButton.connect("clicked(bool)", self.onInstallDependencies)
@@ -187,11 +190,16 @@ class AbdomenKDSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def cleanup(self) -> None:
         """Called when the application closes and the module widget is destroyed."""
-        if self.logic is not None and self.logic.isRunning:
-            self.logic.cancel()
+        if self.logic is not None:
+            self.logic.shutdownWorker()  # cancels a running segmentation, ends the persistent worker
         if self._pollTimer is not None:
             self._pollTimer.stop()
         self.removeObservers()
+
+    def onAboutToQuit(self) -> None:
+        """The application quits: end the persistent worker (it would also end by itself)."""
+        if self.logic is not None:
+            self.logic.shutdownWorker()
 
     def enter(self) -> None:
         self.initializeParameterNode()
@@ -205,6 +213,8 @@ class AbdomenKDSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def onSceneStartClose(self, caller, event) -> None:
         if self.logic is not None and self.logic.isRunning:
             self.onCancel()
+        if self.logic is not None:
+            self.logic.shutdownWorker()  # the model is loaded again on the next run
         self.setParameterNode(None)
 
     def onSceneEndClose(self, caller, event) -> None:
