@@ -19,12 +19,17 @@ DICOM_DIR = DATA / "ct-upper-abdomen-dicom"
 FLARE_LABELS = DATA / "flare22-labels"
 
 
-def make_tiny_bundle(path: Path, seed: int = 0, base_features: int = 4, trained: bool = False) -> Path:
-    """A bundle of two narrow random students (fast on CPU) with the real architecture family."""
+def make_tiny_bundle(path: Path, seed: int = 0, base_features: int = 4, trained: bool = False,
+                     metadata: dict | None = None) -> Path:
+    """A bundle of two narrow random students (fast on CPU) with the real architecture family.
+
+    ``metadata``: more model-card fields (they replace the defaults ``trained`` and ``description``).
+    """
     torch.manual_seed(seed)
     cfg = student_config(base_features=base_features, max_features=8 * base_features)
     coarse, fine = build_network(cfg), build_network(cfg)
-    return save_bundle(path, coarse, fine, cfg, cfg, {"trained": trained, "description": "tiny test bundle"})
+    card = {"trained": trained, "description": "tiny test bundle", **(metadata or {})}
+    return save_bundle(path, coarse, fine, cfg, cfg, card)
 
 
 def tiny_student(seed: int = 0) -> torch.nn.Module:

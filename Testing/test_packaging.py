@@ -86,7 +86,8 @@ def test_module_cmake_lists_every_resource(module_cmake):
     from AbdomenKDSegLib.bundle import DEFAULT_BUNDLE_NAME
 
     assert {"Resources/UI/AbdomenKDSeg.ui", "Resources/Icons/AbdomenKDSeg.png", "Resources/requirements.txt",
-            f"Resources/Models/{DEFAULT_BUNDLE_NAME}", "Resources/Testing/ct-abdomen-6mm.nrrd"} <= listed
+            "Resources/requirements-optional.txt", f"Resources/Models/{DEFAULT_BUNDLE_NAME}",
+            "Resources/Testing/ct-abdomen-6mm.nrrd"} <= listed
 
 
 def test_every_listed_module_file_exists(module_cmake):
@@ -180,18 +181,26 @@ def test_license_is_apache_2():
 
 
 # ----------------------------------------------------------------------------- dependencies
-def test_requirements_file_never_lists_slicer_packages_or_torch():
-    raw = (MODULE / "Resources" / "requirements.txt").read_text(encoding="utf-8")
-    names = {dependencies.canonical_name(dependencies.requirement_name(line))
-             for line in raw.splitlines() if line.strip() and not line.lstrip().startswith("#")}
-    assert names == {"connected-components-3d", "fastremap", "safetensors", "onnxruntime", "openvino"}
-    assert not names & {dependencies.canonical_name(p) for p in dependencies.PROTECTED}
+def requirement_names(path: Path) -> set[str]:
+    raw = path.read_text(encoding="utf-8")
+    return {dependencies.canonical_name(dependencies.requirement_name(line))
+            for line in raw.splitlines() if line.strip() and not line.lstrip().startswith("#")}
+
+
+def test_requirements_files_never_list_slicer_packages_or_torch():
+    required = requirement_names(MODULE / "Resources" / dependencies.REQUIRED_FILE)
+    optional = requirement_names(MODULE / "Resources" / dependencies.OPTIONAL_FILE)
+    assert required == {"connected-components-3d", "fastremap", "safetensors"}
+    assert optional == {"onnxruntime", "openvino"}  # separate step: their failure only costs speed
+    protected = {dependencies.canonical_name(p) for p in dependencies.PROTECTED}
+    assert not (required | optional) & protected
 
 
 def test_requirements_cover_what_the_worker_imports():
     # These are installed here (the test environment mirrors a finished installation): nothing is missing.
-    requirements = dependencies.read_requirements(MODULE / "Resources" / "requirements.txt")
-    assert dependencies.missing_requirements(requirements) == []
+    for name in (dependencies.REQUIRED_FILE, dependencies.OPTIONAL_FILE):
+        requirements = dependencies.read_requirements(MODULE / "Resources" / name)
+        assert dependencies.missing_requirements(requirements) == []
 
 
 def test_protected_packages_are_filtered_and_versions_checked(tmp_path):

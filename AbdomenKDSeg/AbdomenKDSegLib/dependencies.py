@@ -5,6 +5,12 @@ functions (``slicer.util.confirmOkCancelDisplay`` and ``slicer.util.pip_install`
 here is testable anywhere. Packages that Slicer ships itself (numpy, SimpleITK, vtk) and torch
 (installed by the PyTorch extension) are never installed from here, and a pip constraints file
 pins the installed versions of the former so that no dependency can replace them.
+
+Installing is done in steps (:func:`ensure_packages`): torch first (through the PyTorch extension,
+by the caller's ``ensure_torch``), then the required packages (``requirements.txt``; their failure
+stops the segmentation), then the optional runtimes OpenVINO and ONNX Runtime
+(``requirements-optional.txt``), each in its own pip call: their failure only costs speed (a
+warning; the engine runs the networks with PyTorch). :func:`package_status` lists what is installed.
 """
 
 from __future__ import annotations
@@ -12,8 +18,9 @@ from __future__ import annotations
 import importlib.metadata
 import importlib.util
 import re
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterable, Sequence
+from typing import Callable, Iterable, Optional, Sequence
 
 #: Distributions that must never be installed or replaced by this module.
 PROTECTED = ("numpy", "SimpleITK", "vtk", "torch")
@@ -21,6 +28,11 @@ PROTECTED = ("numpy", "SimpleITK", "vtk", "torch")
 PINNED = ("numpy", "SimpleITK", "vtk")
 #: Minimum torch version the engine needs.
 TORCH_REQUIREMENT = ">=2.1"  # load_state_dict(assign=True) of bundle.py
+#: Resource files (in the module's ``Resources`` folder) of the required and the optional packages.
+REQUIRED_FILE = "requirements.txt"
+OPTIONAL_FILE = "requirements-optional.txt"
+#: What each optional package is for, shown in the panel.
+OPTIONAL_PURPOSE = "optional: faster CPU runs"
 
 _NAME = re.compile(r"^\s*([A-Za-z0-9][A-Za-z0-9._-]*)")
 
@@ -132,3 +144,142 @@ def ensure_requirements(
         raise DependencyError("installing these Python packages failed: " + ", ".join(still))
     log("Python packages installed.")
     return missing
+
+
+# ----------------------------------------------------------------------------- status and steps
+@dataclass
+class PackageStatus:
+    """One package the module uses: name, installed version (None: not installed), role."""
+
+    name: str
+    requirement: str
+    version: str | None
+    required: bool
+    satisfied: bool
+
+    def text(self) -> str:
+        """``"fastremap 1.15.0"``, ``"openvino: not installed (optional: faster CPU runs)"``."""
+        role = "" if self.required else f" ({OPTIONAL_PURPOSE})"
+        if self.version is None:
+            return f"{self.name}: not installed{role}"
+        if not self.satisfied:
+            return f"{self.name} {self.version}: too old, {self.requirement} needed{role}"
+        return f"{self.name} {self.version}{role}"
+
+
+def package_status(required_file: str | Path, optional_file: str | Path | None = None) -> list[PackageStatus]:
+    """torch, the required packages, then the optional ones, each with its installed version."""
+    rows = []
+    entries = [(f"torch{TORCH_REQUIREMENT}", True)]
+    entries += [(r, True) for r in read_requirements(required_file)]
+    if optional_file is not None and Path(optional_file).is_file():
+        entries += [(r, False) for r in read_requirements(optional_file)]
+    for requirement, required in entries:
+        name = requirement_name(requirement)
+        rows.append(PackageStatus(name, requirement, installed_version(name), required, is_satisfied(requirement)))
+    return rows
+
+
+@dataclass
+class InstallReport:
+    """What :func:`ensure_packages` did."""
+
+    required: list[str] = field(default_factory=list)
+    optional: list[str] = field(default_factory=list)
+    #: one message per optional package that could not be installed (the run uses PyTorch)
+    warnings: list[str] = field(default_factory=list)
+
+
+def _pip_install(install: Callable[[list[str]], object], constraints_file: str | Path,
+                 requirements: Sequence[str], reinstall: bool) -> None:
+    """Install ``requirements``; with ``reinstall`` the installed ones are reinstalled (not their deps)."""
+    present = [r for r in requirements if installed_version(requirement_name(r)) is not None]
+    absent = [r for r in requirements if r not in present]
+    if absent or not reinstall:
+        todo = absent if reinstall else list(requirements)
+        if todo:
+            install(["-c", str(constraints_file), *todo])
+    if reinstall and present:
+        # --no-deps: reinstalling a dependency would replace Slicer's own numpy and friends
+        install(["--force-reinstall", "--no-deps", "-c", str(constraints_file), *present])
+
+
+def ensure_packages(
+    required_file: str | Path,
+    optional_file: str | Path | None,
+    confirm: Callable[[str], bool],
+    install: Callable[[list[str]], object],
+    constraints_file: str | Path,
+    log: Callable[[str], None] = print,
+    ensure_torch: Callable[[], object] | None = None,
+    optional: Optional[bool] = None,
+    reinstall: bool = False,
+) -> InstallReport:
+    """Install what the segmentation needs, in steps: torch, the required packages, the optional ones.
+
+    1. ``ensure_torch()`` (the PyTorch extension; it raises DependencyError when torch stays missing);
+    2. the missing required packages of ``required_file``, after one confirmation that also names
+       the optional packages about to be installed; declining or a failure raises DependencyError;
+    3. the optional packages of ``optional_file`` (``optional``: True always, False never, None only
+       when step 2 installed something, i.e. on first use), one pip call each; a failure is a
+       warning in the returned report (logged), never an error.
+
+    ``reinstall``: reinstall every package of steps 2 and 3 (``--force-reinstall --no-deps``; the
+    missing ones are installed normally). Slicer's numpy, SimpleITK and VTK are pinned to their
+    installed versions by a constraints file in every pip call.
+    """
+    if ensure_torch is not None:
+        ensure_torch()
+    report = InstallReport()
+    required = read_requirements(required_file)
+    optional_all = read_requirements(optional_file) if optional_file is not None and Path(optional_file).is_file() \
+        else []
+    todo = list(required) if reinstall else missing_requirements(required)
+    try_optional = optional is True or (optional is None and bool(todo)) or (reinstall and optional is not False)
+    optional_todo = (list(optional_all) if reinstall else missing_requirements(optional_all)) if try_optional else []
+    if not todo and not optional_todo:
+        return report
+    verb = "Reinstall" if reinstall else "Install"
+    lines = []
+    if todo:
+        lines.append(f"AbdomenKDSeg needs these Python packages{'' if reinstall else ', which are not installed yet'}:")
+        lines += [f"  - {r}" for r in todo]
+    if optional_todo:
+        lines.append("Optional, for 2-3x faster segmentation on the CPU (about 100 MB; if they cannot be "
+                     "installed the segmentation still runs, with PyTorch):")
+        lines += [f"  - {r}" for r in optional_todo]
+    message = ("\n".join(lines) + f"\n\n{verb} them now? (This needs internet access; Slicer's own numpy, "
+               "SimpleITK and VTK are left unchanged.)")
+    if not confirm(message):
+        if todo:
+            raise DependencyError("the segmentation needs these Python packages: " + ", ".join(todo))
+        return report
+    Path(constraints_file).write_text(constraints_text(), encoding="utf-8")
+    if todo:
+        log(f"{verb}ing the required packages {', '.join(todo)} ...")
+        try:
+            _pip_install(install, constraints_file, todo, reinstall)
+        except Exception as exc:
+            raise DependencyError(f"installing these Python packages failed: {', '.join(todo)} ({exc})") from exc
+        still = missing_requirements(todo)
+        if still:
+            raise DependencyError("installing these Python packages failed: " + ", ".join(still))
+        report.required = todo
+        log("Required Python packages installed.")
+    for requirement in optional_todo:
+        log(f"{verb}ing the optional package {requirement} ...")
+        problem = None
+        try:
+            _pip_install(install, constraints_file, [requirement], reinstall)
+        except Exception as exc:  # pip's failure: only speed is lost
+            problem = str(exc) or type(exc).__name__
+        if problem is None and not is_satisfied(requirement):
+            problem = "pip finished but the package is not installed"
+        if problem is None:
+            report.optional.append(requirement)
+            continue
+        text = (f"the optional package {requirement_name(requirement)} could not be installed ({problem}); "
+                "the segmentation runs with PyTorch, which is slower on the CPU")
+        report.warnings.append(text)
+        log(f"Warning: {text}")
+    return report

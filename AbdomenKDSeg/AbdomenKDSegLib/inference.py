@@ -53,6 +53,44 @@ class DeviceFallbackWarning(UserWarning):
     """CUDA was asked for but is unavailable or ran out of memory; the CPU was used."""
 
 
+class PartialFieldOfViewWarning(UserWarning):
+    """The scan does not cover the whole abdomen: organs may be cut off at its top or bottom."""
+
+
+#: Head-to-foot (superior-inferior) extent below which a scan cannot hold the whole abdomen, mm.
+MIN_ABDOMEN_EXTENT_MM = 150.0
+#: Organs that are cut when they reach the first or last slice. The aorta, the inferior vena cava
+#: and the esophagus run through every abdominal scan, so they are left out.
+SOLID_ORGAN_VALUES = (1, 2, 3, 4, 7, 8, 9, 11, 12, 13)
+
+
+def field_of_view_warning(labels_zyx: np.ndarray, spacing_zyx: Sequence[float]) -> str | None:
+    """One warning text when the scan is a partial field of view of the abdomen, else None.
+
+    ``labels_zyx``: the predicted labels on the canonical grid (axis 0 inferior -> superior),
+    ``spacing_zyx`` in mm. Partial: the head-to-foot extent is under :data:`MIN_ABDOMEN_EXTENT_MM`,
+    or solid organs reach both the first and the last slice (a slab through the organs). One end
+    alone is not enough: abdominal CTs often clip the liver dome by a slice or two.
+    """
+    if labels_zyx.ndim != 3 or labels_zyx.shape[0] == 0:
+        return None
+    extent = float(labels_zyx.shape[0]) * float(spacing_zyx[0])
+    ends = {}
+    for name, plane in (("first", labels_zyx[0]), ("last", labels_zyx[-1])):
+        values = set(fastremap.unique(np.ascontiguousarray(plane)).tolist())
+        ends[name] = [v for v in SOLID_ORGAN_VALUES if v in values]
+    short = extent < MIN_ABDOMEN_EXTENT_MM
+    if not short and not (ends["first"] and ends["last"]):
+        return None
+    cut = [BY_VALUE[v].name.lower() for v in SOLID_ORGAN_VALUES if v in ends["first"] or v in ends["last"]]
+    text = f"partial field of view: the scan covers {'only ' if short else ''}{extent:.0f} mm from head to foot"
+    if short:
+        text += f", less than the {MIN_ABDOMEN_EXTENT_MM:.0f} mm a whole abdomen needs"
+    if cut:
+        text += f"; {', '.join(cut)} reach{'es' if len(cut) == 1 else ''} its first or last slice"
+    return text + ". Organs may be cut off at the edges of the scan: their segments and volumes can be incomplete."
+
+
 @dataclass
 class PredictionInfo:
     """What a prediction did: device used, seconds per stage, crop box (canonical Z, Y, X slices).
@@ -336,6 +374,10 @@ class Predictor:
         else:
             out[:] = self.coarse_full_resolution(coarse_probs, canonical.shape)
             info.timings["upsample"] = time.perf_counter() - t0
+        partial = field_of_view_warning(out, spacing_zyx)
+        if partial is not None:
+            warnings.warn(partial, PartialFieldOfViewWarning, stacklevel=2)
+            info.warnings.append(partial)
         if on_gpu and self.device.type == "cuda":  # (not after a fallback to the CPU)
             info.gpu_peak_mb = torch.cuda.max_memory_allocated(self.device) / 2**20
         info.device = self.device.type

@@ -1,0 +1,134 @@
+"""The model line of the Slicer panel: read from a bundle's card without torch, honest about accuracy.
+
+Bundles are real ones (``make_tiny_bundle`` + card fields, and the shipped default model); the
+card is read from the safetensors header by :mod:`AbdomenKDSegLib.model_card`, which imports
+neither torch nor safetensors (checked in a subprocess where both are blocked).
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+from AbdomenKDSegLib import model_card
+from AbdomenKDSegLib.bundle import DEFAULT_BUNDLE_NAME, FORMAT, MODEL_ENV, default_bundle_path, read_bundle_metadata
+
+from engine_helpers import REPO, make_tiny_bundle
+
+#: The card fields of the new default model (benchmarks/default_model_card.py writes them).
+NEW_CARD = {
+    "trained": True,
+    "description": ("CPU demonstration model, recipe cpu_synthetic (the paper's method, 60+60 epochs, adam), "
+                    "trained on CT generated from one real CT. Not for clinical use."),
+    "data": {"description": "23 labeled CT, no unlabeled CT: 22 generated from ONE real labeled CT", "labeled": 23},
+    "metrics": {"validation": {"ct-abdomen-contrast-ircadb01": {"mean_dsc": 0.6123, "organs_scored": [1, 2, 3, 13]},
+                               "ct-abdomen-slab-amos0001": {"mean_dsc": 0.4477}},
+                "training_case": {"mean_dsc_12_present_organs": 0.91}},
+}
+#: The card of the first default model: no validation, a "not measured" note.
+OLD_CARD = {
+    "trained": True,
+    "description": "CPU demonstration model (recipe cpu_default): trained on ONE labeled CT; not for clinical use",
+    "data": {"labeled": 1, "unlabeled": 0},
+    "metrics": {"held_out": "not measured: no labeled CT other than the training case is available",
+                "training_case": {"mean_dsc_12_present_organs": 0.6834}},
+}
+
+
+def test_card_is_read_from_the_header_exactly_as_the_engine_reads_it(tmp_path):
+    path = make_tiny_bundle(tmp_path / "my-model.safetensors", trained=True, metadata=NEW_CARD)
+    assert model_card.read_model_card(path) == read_bundle_metadata(path)[1]
+    assert (model_card.FORMAT, model_card.DEFAULT_BUNDLE_NAME, model_card.MODEL_ENV) == (
+        FORMAT, DEFAULT_BUNDLE_NAME, MODEL_ENV)
+    assert model_card.default_model_path() == default_bundle_path()
+
+
+def test_line_of_a_new_card_shows_name_description_and_validation_dsc(tmp_path):
+    path = make_tiny_bundle(tmp_path / "my-model.safetensors", trained=True, metadata=NEW_CARD)
+    line, demonstration = model_card.describe_model(path)
+    assert demonstration is True
+    assert line.startswith("my-model: CPU demonstration model, recipe cpu_synthetic")
+    assert "trained on CT generated from one real CT" in line
+    assert "mean DSC on unseen CT: 0.61 (ct-abdomen-contrast-ircadb01), 0.45 (ct-abdomen-slab-amos0001)" in line
+    assert "0.91" not in line  # the fit on the training case is not accuracy
+    assert "\n" not in line and line.count("mean DSC") == 1
+
+
+def test_dsc_figures_already_in_the_description_are_not_repeated(tmp_path):
+    card = {**NEW_CARD, "description": NEW_CARD["description"].replace(
+        "Not for clinical use.",
+        "measured on unseen real CT: mean DSC 0.61 (IRCAD), 0.45 (AMOS). Not for clinical use.")}
+    path = make_tiny_bundle(tmp_path / "m.safetensors", trained=True, metadata=card)
+    line, _ = model_card.describe_model(path)
+    assert line.count("DSC") == 1 and "0.61 (IRCAD)" in line
+
+
+def test_line_of_an_old_card_says_accuracy_was_not_measured(tmp_path):
+    path = make_tiny_bundle(tmp_path / "old.safetensors", trained=True, metadata=OLD_CARD)
+    line, demonstration = model_card.describe_model(path)
+    assert demonstration is True
+    assert line == ("old: CPU demonstration model (recipe cpu_default): trained on ONE labeled CT; not for "
+                    "clinical use; accuracy on unseen CT: not measured.")
+    assert "0.68" not in line
+
+
+def test_card_without_description_falls_back_to_its_training_data(tmp_path):
+    path = make_tiny_bundle(tmp_path / "plain.safetensors", trained=True,
+                            metadata={"description": "", "data": {"labeled": 40, "unlabeled": 10}})
+    line, demonstration = model_card.describe_model(path)
+    assert line == ("plain: trained on 40 labeled and 10 unlabeled CT; accuracy on unseen CT: not stated in its "
+                    "model card.")
+    assert demonstration is False
+    path = make_tiny_bundle(tmp_path / "flagged.safetensors", trained=True,
+                            metadata={"description": "Research model", "demonstration": True,
+                                      "data": {"description": "50 FLARE22 cases: details"}})
+    line, demonstration = model_card.describe_model(path)
+    assert demonstration is True and line.startswith("flagged: Research model;")
+
+
+def test_untrained_missing_and_foreign_files(tmp_path):
+    line, demonstration = model_card.describe_model(make_tiny_bundle(tmp_path / "random.safetensors"))
+    assert "UNTRAINED" in line and not demonstration
+    line, _ = model_card.describe_model(tmp_path / "absent.safetensors")
+    assert line.startswith("Model file not found")
+    other = tmp_path / "other.safetensors"
+    header = json.dumps({"__metadata__": {"format": "pt"}}).encode()
+    other.write_bytes(len(header).to_bytes(8, "little") + header)
+    assert model_card.describe_model(other)[0] == "other.safetensors is not an AbdomenKDSeg model bundle"
+    (tmp_path / "junk.safetensors").write_bytes(b"\xff" * 64)
+    assert "not a model bundle" in model_card.describe_model(tmp_path / "junk.safetensors")[0]
+
+
+def test_shipped_model_is_described_as_a_demonstration():
+    line, demonstration = model_card.describe_model()
+    _, card = read_bundle_metadata(default_bundle_path())
+    assert demonstration is ("demonstration" in card.get("description", "").lower() or card.get("demonstration"))
+    assert line.startswith("abdomen-kdseg-default: ") and ("DSC" in line or "not measured" in line)
+
+
+def test_model_card_module_needs_neither_torch_nor_safetensors(tmp_path):
+    path = make_tiny_bundle(tmp_path / "m.safetensors", trained=True, metadata=OLD_CARD)
+    script = textwrap.dedent("""
+        import importlib.abc, sys
+        class Block(importlib.abc.MetaPathFinder):
+            def find_spec(self, name, path=None, target=None):
+                if name.split(".")[0] in {"torch", "safetensors", "numpy", "SimpleITK"}:
+                    raise ImportError(name + " is blocked")
+        sys.meta_path.insert(0, Block())
+        sys.path.insert(0, sys.argv[2])
+        from AbdomenKDSegLib import model_card
+        print(model_card.describe_model(sys.argv[1])[0])
+    """)
+    proc = subprocess.run([sys.executable, "-c", script, str(path), str(REPO / "AbdomenKDSeg")],
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip().endswith("accuracy on unseen CT: not measured.")
+
+
+@pytest.mark.parametrize("text, expected", [("CPU Demonstration model", True), ("clinical model", False)])
+def test_demonstration_flag(text, expected):
+    assert model_card.is_demonstration({"description": text}) is expected
