@@ -107,10 +107,15 @@ def volume_matrix(volume) -> np.ndarray:
     return matrix_array(matrix)
 
 
+def run_options_line(log_lines: list[str]) -> str:
+    """The logged options of the (first) run: the persistent worker's request, or the one-shot command."""
+    return next(line for line in log_lines if line.startswith(("Worker request ", "Starting worker:"))
+                and "--input " in line)
+
+
 def temp_dir_of(log_lines: list[str]) -> Path:
-    """The worker's exchange folder, read from the logged command line."""
-    line = next(line for line in log_lines if line.startswith("Starting worker:"))
-    return Path(line.split("--input ")[1].split()[0]).parent
+    """The worker's exchange folder, read from the logged request (or command line)."""
+    return Path(run_options_line(log_lines).split("--input ")[1].split()[0]).parent
 
 
 def process_gone(pid: int) -> bool:
@@ -640,7 +645,7 @@ def test_keep_coarse_result_fills_a_second_segmentation(coarse_run, tiny_coarse_
     assert not np.array_equal(tiny_reference, tiny_coarse_reference)
     display = coarse.GetDisplayNode()
     assert display is not None and not display.GetVisibility2DFill() and display.GetVisibility2DOutline()
-    assert "--coarse-output" in next(line for line in run.logs if line.startswith("Starting worker:"))
+    assert "--coarse-output" in run_options_line(run.logs)
 
 
 def test_keep_coarse_reuses_only_the_node_it_created(coarse_run, tiny_coarse_reference):
@@ -666,7 +671,7 @@ def test_no_coarse_node_when_the_option_is_off_or_the_fine_stage_off(subset_run,
     logic = make_logic(logs)
     logic.keepCoarseResult = True
     node = logic.segment(volume, device="cpu", model=tiny_bundle, fine=False)
-    assert "--coarse-output" not in next(line for line in logs if line.startswith("Starting worker:"))
+    assert "--coarse-output" not in run_options_line(logs)
     assert logic.lastCoarseSegmentationNode is None
     assert mrml_scene.GetNodesByClass("vtkMRMLSegmentationNode").GetNumberOfItems() == 1
     assert segment_ids(node) == FLARE_ORDER
@@ -725,6 +730,7 @@ def test_missing_coarse_label_map_fails_without_touching_any_node(mrml_scene, tm
     output.GetSegmentation().AddEmptySegment("mine", "Mine")
     logic = make_logic()
     logic.workerModule = "fake_coarse_worker"
+    logic.reuseWorker = False  # the stand-in speaks the one-shot protocol only
     logic.keepCoarseResult = True
     _assert_one_error(mrml_scene, lambda: logic.segment(volume, output, device="cpu"), WorkerError,
                       "coarse.nrrd could not be read")

@@ -221,6 +221,22 @@ def kill_process_tree(process: subprocess.Popen) -> None:
         pass
 
 
+def packages_stamp() -> tuple[tuple[str, int], ...]:
+    """(folder, modification time) of this Python's site-packages folders (install/uninstall changes them)."""
+    import site
+
+    folders = list(getattr(site, "getsitepackages", lambda: [])())
+    user = getattr(site, "getusersitepackages", lambda: None)()
+    folders += [user] if isinstance(user, str) else []
+    out = []
+    for folder in folders:
+        try:
+            out.append((folder, os.stat(folder).st_mtime_ns))
+        except OSError:
+            pass
+    return tuple(out)
+
+
 #: Network runtime names shown to the user.
 BACKEND_NAMES = {"torch": "PyTorch", "onnx": "ONNX Runtime", "openvino": "OpenVINO"}
 
@@ -645,9 +661,13 @@ class AbdomenKDSegLogic:
             raise WorkerError(f"could not start the worker with Python '{python}': {exc}") from exc
 
     def _worker_identity(self, env: dict[str, str]) -> tuple[Any, ...]:
-        """What a persistent worker was started with; a change needs a new worker."""
+        """What a persistent worker was started with; a change needs a new worker.
+
+        Includes the modification times of the site-packages folders: a package installed or
+        updated since (e.g. by the module's install step) is then used by the next run.
+        """
         return (tuple(python_command(self.pythonExecutable)), self.workerModule, int(self.threads),
-                tuple(str(a) for a in self.workerExtraArgs), tuple(sorted(env.items())))
+                tuple(str(a) for a in self.workerExtraArgs), tuple(sorted(env.items())), packages_stamp())
 
     def _persistent_worker(self) -> WorkerJob:
         """The persistent worker for this run: the running one if it still fits, else a new one."""
