@@ -1,10 +1,15 @@
-"""3D Slicer module "Abdomen KD Seg": 13 abdominal organs in CT with a distilled coarse-to-fine student.
+"""3D Slicer module "Abdominal Organs" (AbdomenKDSeg): 13 abdominal organs in CT with a distilled student.
 
 Thin layer over the engine: the GUI (:class:`AbdomenKDSegWidget`) edits a parameter node and
 drives :class:`AbdomenKDSegLib.logic.AbdomenKDSegLogic` (re-exported here as
 ``AbdomenKDSegLogic``), which runs the network in a separate worker process. Nothing here
 imports torch or the other engine dependencies at module load time, so the module appears in
-Slicer before those packages are installed; they are installed on first use.
+Slicer before those packages are installed; they are installed on first use, in steps: torch
+(PyTorch extension), the required packages, then the optional faster CPU runtimes
+(:func:`AbdomenKDSegLib.dependencies.ensure_packages`). The self-test never installs anything.
+
+User-visible strings are translatable (``_()`` / ``translate`` of ``slicer.i18n``, with a
+pass-through fallback where that is unavailable, e.g. slicer-core in the tests).
 
 No ``from __future__ import annotations`` here, unlike the engine: Slicer's parameterNodeWrapper
 evaluates the parameter class's annotations, which must then be real objects, not strings.
@@ -14,6 +19,7 @@ import logging
 import os
 import sys
 import tempfile
+import unittest
 from typing import Annotated, Optional
 
 import qt
@@ -28,11 +34,21 @@ from slicer.ScriptedLoadableModule import (
 )
 from slicer.util import VTKObservationMixin
 
+try:
+    from slicer.i18n import tr as _
+    from slicer.i18n import translate
+except ImportError:  # Slicer before 5.4, or slicer-core without the application's i18n module
+    def _(text: str) -> str:
+        return text
+
+    def translate(context: str, text: str) -> str:
+        return text
+
 _MODULE_DIR = os.path.dirname(os.path.abspath(__file__))
 if _MODULE_DIR not in sys.path:  # Slicer adds it; this also covers unusual launch setups
     sys.path.insert(0, _MODULE_DIR)
 
-from AbdomenKDSegLib import dependencies
+from AbdomenKDSegLib import dependencies, model_card
 from AbdomenKDSegLib.logic import (  # noqa: F401  (re-exported for scripting)
     AbdomenKDSegLogic,
     SegmentationCancelled,
@@ -54,30 +70,37 @@ class AbdomenKDSeg(ScriptedLoadableModule):
 
     def __init__(self, parent):
         ScriptedLoadableModule.__init__(self, parent)
-        self.parent.title = "Abdomen KD Seg"
-        self.parent.categories = ["Segmentation"]
+        self.parent.title = _("Abdominal Organs")
+        self.parent.categories = [translate("qSlicerAbstractCoreModule", "Segmentation")]
         self.parent.dependencies = []
-        self.parent.contributors = ["AbdomenKDSeg developers"]
-        self.parent.helpText = """
+        self.parent.contributors = ["AbdomenKDSeg team (Independent)"]
+        self.parent.helpText = _("""
 Fully automatic segmentation of 13 abdominal organs in CT (liver, kidneys, spleen, pancreas, aorta,
 inferior vena cava, adrenal glands, gallbladder, esophagus, stomach, duodenum) with a small
 coarse-to-fine student network distilled from two cross-teaching teachers.
+<p><b>The bundled model is a demonstration model</b>: it was trained on the CPU on data derived from a
+single real labeled CT (the TotalSegmentator test CT), not on a clinical training set. It is not for
+clinical use; its accuracy measured on unseen CT is stated in the README. The panel shows the loaded
+model's name, what it was trained on and its measured accuracy, from the model file's card; another
+model file can be chosen under <i>Advanced</i>.</p>
 Select a CT volume and press <b>Segment abdomen</b>. The organs are written into a segmentation
 (named, colored and coded with SNOMED CT terminology), by default a new one named after the volume.
 Running again into an existing segmentation replaces only the organ segments this module made:
 segments you added are kept, and the module asks before it fills a segmentation of another
-volume. Warnings and organs not found are shown under the button. The network runs in a separate process:
-<b>Cancel</b> stops it at once and a crash cannot affect Slicer. PyTorch and a few small Python
-packages are installed on first use.
+volume. Warnings (e.g. a partial field of view), organs not found and each organ's volume in mL are
+shown under the button. The network runs in a separate process:
+<b>Cancel</b> stops it at once and a crash cannot affect Slicer. On first use PyTorch (through the
+PyTorch extension) and a few small Python packages are installed, then, optionally, OpenVINO and
+ONNX Runtime for faster CPU runs; the <i>Packages</i> section shows what is installed.
 See the <a href="https://github.com/AbdomenKDSeg/SlicerAbdomenKDSeg">documentation</a>.
-"""
-        self.parent.acknowledgementText = """
+""")
+        self.parent.acknowledgementText = _("""
 The method is described in: Jae Won Choi, "Knowledge Distillation from Cross Teaching Teachers for
 Efficient Semi-Supervised Abdominal Organ Segmentation in CT", MICCAI FLARE 2022 challenge
 (Fast and Low-resource semi-supervised Abdominal oRgan sEgmentation), LNCS 13816.
 The organ labels follow the FLARE22 challenge (https://flare22.grand-challenge.org/).
 The self-test CT comes from the TotalSegmentator test data (Apache-2.0).
-"""
+""")
 
 
 #
@@ -105,36 +128,94 @@ class AbdomenKDSegParameterNode:
 #
 # Dependencies
 #
+PYTORCH_EXTENSION = "PyTorch"
+
+
+def offerPyTorchExtension() -> None:
+    """The PyTorch extension is missing: offer to install it from the Extensions Index.
+
+    Always raises DependencyError: without the extension there is no torch in this session
+    (after installing it Slicer must be restarted).
+    """
+    manual = _("This module needs the PyTorch extension: install 'PyTorch' from the Extensions Manager, "
+               "then restart Slicer.")
+    try:
+        manager = slicer.app.extensionsManagerModel()
+    except AttributeError:
+        manager = None
+    if manager is None or not hasattr(manager, "installExtensionFromServer"):
+        raise dependencies.DependencyError(manual)
+    if manager.isExtensionInstalled(PYTORCH_EXTENSION):
+        raise dependencies.DependencyError(
+            _("The PyTorch extension is installed but not loaded yet: restart Slicer, then segment again."))
+    if not slicer.util.confirmOkCancelDisplay(
+            _("The segmentation needs PyTorch, which Slicer gets from the PyTorch extension. It is not "
+              "installed.\n\nInstall the PyTorch extension now? Slicer must be restarted afterwards."),
+            _("Install the PyTorch extension?")):
+        raise dependencies.DependencyError(manual)
+    try:
+        installed = manager.installExtensionFromServer(PYTORCH_EXTENSION, False)
+    except Exception as exc:  # network, server or API differences between Slicer versions
+        logging.warning(f"Installing the PyTorch extension failed: {exc}")
+        installed = False
+    if not installed:
+        raise dependencies.DependencyError(_("Installing the PyTorch extension failed. ") + manual)
+    raise dependencies.DependencyError(
+        _("The PyTorch extension was installed: restart Slicer, then segment again."))
+
+
 def ensurePyTorch(log=print) -> None:
     """Make sure torch is installed, through the PyTorch extension (asks the user first)."""
     if dependencies.torch_available():
         return
     try:
         import PyTorchUtils
-    except ModuleNotFoundError as exc:
-        raise dependencies.DependencyError(
-            "This module needs the PyTorch extension: install 'PyTorch' from the Extensions Manager "
-            "and restart Slicer.") from exc
+    except ModuleNotFoundError:
+        offerPyTorchExtension()
+        return
     torchLogic = PyTorchUtils.PyTorchUtilsLogic()
     if not torchLogic.torchInstalled():
-        log("PyTorch is required. Installing it (this may take several minutes) ...")
+        log(_("PyTorch is required. Installing it (this may take several minutes) ..."))
         torch = torchLogic.installTorch(askConfirmation=True,
                                         torchVersionRequirement=dependencies.TORCH_REQUIREMENT)
         if torch is None:
-            raise dependencies.DependencyError("PyTorch is required for the segmentation but was not installed.")
+            raise dependencies.DependencyError(
+                _("PyTorch is required for the segmentation but was not installed."))
 
 
-def ensurePythonPackages(requirementsPath: str, log=print) -> None:
-    """Install torch (PyTorch extension) and the module's requirements (one confirmation)."""
-    ensurePyTorch(log)
+def requirementsFiles() -> tuple:
+    """(required, optional) requirement files of the module."""
+    resources = os.path.join(_MODULE_DIR, "Resources")
+    return (os.path.join(resources, dependencies.REQUIRED_FILE),
+            os.path.join(resources, dependencies.OPTIONAL_FILE))
+
+
+def ensurePythonPackages(requirementsPath: str, optionalPath: Optional[str] = None, log=print,
+                         optional: Optional[bool] = None, reinstall: bool = False):
+    """Install what is missing, in steps: torch (PyTorch extension), required, then optional packages.
+
+    ``optional``: None installs the optional runtimes only together with the required packages
+    (first use); their failure is a warning in the returned report. Raises DependencyError when a
+    required package stays missing.
+    """
     constraintsPath = os.path.join(tempfile.gettempdir(), "AbdomenKDSeg-pip-constraints.txt")
-    dependencies.ensure_requirements(
+    return dependencies.ensure_packages(
         requirementsPath,
-        confirm=lambda message: slicer.util.confirmOkCancelDisplay(message, "AbdomenKDSeg"),
+        optionalPath,
+        confirm=lambda message: slicer.util.confirmOkCancelDisplay(message, _("Python packages")),
         install=slicer.util.pip_install,
         constraints_file=constraintsPath,
         log=log,
+        ensure_torch=lambda: ensurePyTorch(log),
+        optional=optional,
+        reinstall=reinstall,
     )
+
+
+def missingRequiredPackages(requirementsPath: Optional[str] = None) -> list:
+    """Texts of the required packages (torch included) that are missing or too old."""
+    path = requirementsPath or requirementsFiles()[0]
+    return [status.text() for status in dependencies.package_status(path) if status.required and not status.satisfied]
 
 
 #
@@ -153,6 +234,7 @@ class AbdomenKDSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._pollTimer = None
         self._runOutput = None
         self._lastInputVolumeID = None
+        self._modelInfoKey = None
 
     def setup(self) -> None:
         ScriptedLoadableModuleWidget.setup(self)
@@ -167,6 +249,8 @@ class AbdomenKDSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._populateOrganList()
         self.ui.progressBar.setVisible(False)
         self.ui.resultsLabel.setVisible(False)
+        self.ui.volumesTableWidget.setVisible(False)
+        self.ui.demonstrationNoteLabel.setVisible(False)
         self._pollTimer = qt.QTimer()
         self._pollTimer.setInterval(100)
         self._pollTimer.connect("timeout()", self.onPollTimer)
@@ -179,6 +263,8 @@ class AbdomenKDSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
         self.ui.applyButton.connect("clicked(bool)", self.onApplyButton)
         self.ui.installDependenciesButton.connect("clicked(bool)", self.onInstallDependencies)
+        self.ui.reinstallPackagesButton.connect("clicked(bool)", self.onReinstallPackages)
+        self.ui.packagesCollapsibleButton.connect("contentsCollapsed(bool)", self.onPackagesCollapsed)
         self.ui.selectAllOrgansButton.connect("clicked(bool)", lambda checked=False: self.setAllOrgansChecked(True))
         self.ui.selectNoOrgansButton.connect("clicked(bool)", lambda checked=False: self.setAllOrgansChecked(False))
         self.ui.organListWidget.connect("itemChanged(QListWidgetItem*)", self.onOrganItemChanged)
@@ -187,6 +273,8 @@ class AbdomenKDSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             "currentNodeChanged(vtkMRMLNode*)", self.ui.show3DButton.setSegmentationNode)
 
         self.initializeParameterNode()
+        self.updateModelInfo()
+        self.updatePackagesList()
 
     def cleanup(self) -> None:
         """Called when the application closes and the module widget is destroyed."""
@@ -257,6 +345,7 @@ class AbdomenKDSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 item.setCheckState(qt.Qt.Checked if item.data(qt.Qt.UserRole) in selected else qt.Qt.Unchecked)
             if self.ui.modelPathLineEdit.currentPath != self._parameterNode.modelPath:
                 self.ui.modelPathLineEdit.currentPath = self._parameterNode.modelPath
+            self.updateModelInfo()
             # Without the fine stage the result already is the coarse one: nothing more to keep.
             self.ui.keepCoarseCheckBox.enabled = self._parameterNode.fineStage
             inputVolume = self._parameterNode.inputVolume
@@ -283,20 +372,20 @@ class AbdomenKDSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def _updateApplyButton(self) -> None:
         if self.logic.isRunning:
-            self.ui.applyButton.text = "Cancel"
-            self.ui.applyButton.toolTip = "Stop the running segmentation."
+            self.ui.applyButton.text = _("Cancel")
+            self.ui.applyButton.toolTip = _("Stop the running segmentation.")
             self.ui.applyButton.enabled = True
         elif not self._parameterNode or not self._parameterNode.inputVolume:
-            self.ui.applyButton.text = "Segment abdomen"
-            self.ui.applyButton.toolTip = "Select an input CT volume."
+            self.ui.applyButton.text = _("Segment abdomen")
+            self.ui.applyButton.toolTip = _("Select an input CT volume.")
             self.ui.applyButton.enabled = False
         elif not self.selectedOrganKeysFromParameter():
-            self.ui.applyButton.text = "Segment abdomen"
-            self.ui.applyButton.toolTip = "Select at least one organ."
+            self.ui.applyButton.text = _("Segment abdomen")
+            self.ui.applyButton.toolTip = _("Select at least one organ.")
             self.ui.applyButton.enabled = False
         else:
-            self.ui.applyButton.text = "Segment abdomen"
-            self.ui.applyButton.toolTip = "Segment the abdominal organs of the input volume."
+            self.ui.applyButton.text = _("Segment abdomen")
+            self.ui.applyButton.toolTip = _("Segment the abdominal organs of the input volume.")
             self.ui.applyButton.enabled = True
 
     def selectedOrganKeysFromParameter(self) -> list:
@@ -331,6 +420,36 @@ class AbdomenKDSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def onModelPathChanged(self, path: str) -> None:
         if not self._updatingGUI and self._parameterNode is not None:
             self._parameterNode.modelPath = path
+        self.updateModelInfo()
+
+    def updateModelInfo(self) -> None:
+        """The model line (name, training data, measured accuracy) and the demonstration note."""
+        path = (self._parameterNode.modelPath if self._parameterNode else "") or str(model_card.default_model_path())
+        try:
+            key = (path, os.path.getmtime(path))
+        except OSError:
+            key = (path, None)
+        if key == self._modelInfoKey:
+            return
+        self._modelInfoKey = key
+        line, demonstration = model_card.describe_model(path)
+        self.ui.modelInfoLabel.text = line
+        self.ui.modelInfoLabel.toolTip = _("Model file: {path}").format(path=path)
+        self.ui.demonstrationNoteLabel.setVisible(demonstration)
+
+    # ------------------------------------------------------------------ packages
+    def onPackagesCollapsed(self, collapsed: bool) -> None:
+        if not collapsed:
+            self.updatePackagesList()
+
+    def updatePackagesList(self) -> None:
+        """What is installed: one line per package, name and version or "not installed"."""
+        required, optional = self.resourcePath("requirements.txt"), self.resourcePath("requirements-optional.txt")
+        try:
+            lines = [status.text() for status in dependencies.package_status(required, optional)]
+        except Exception as exc:  # a broken installation must not break the panel
+            lines = [_("Cannot list the packages: {error}").format(error=exc)]
+        self.ui.packagesLabel.text = "\n".join(lines)
 
     # ------------------------------------------------------------------ running
     def addLog(self, text: str) -> None:
@@ -338,10 +457,26 @@ class AbdomenKDSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         logging.info(text)
         self.ui.logTextEdit.appendPlainText(text)
 
+    def installPackages(self, optional: Optional[bool] = None, reinstall: bool = False) -> None:
+        """Run the install steps; optional packages that fail are shown as a warning, not an error."""
+        try:
+            report = ensurePythonPackages(self.resourcePath("requirements.txt"),
+                                          self.resourcePath("requirements-optional.txt"), self.addLog,
+                                          optional=optional, reinstall=reinstall)
+        finally:
+            self.updatePackagesList()
+        if report.warnings:
+            slicer.util.warningDisplay("\n\n".join(report.warnings), _("Optional packages not installed"))
+
     def onInstallDependencies(self) -> None:
-        with slicer.util.tryWithErrorDisplay("Failed to install the Python packages.", waitCursor=True):
-            ensurePythonPackages(self.resourcePath("requirements.txt"), self.addLog)
-            self.addLog("All required Python packages are installed.")
+        with slicer.util.tryWithErrorDisplay(_("Failed to install the Python packages."), waitCursor=True):
+            self.installPackages(optional=True)
+            self.addLog(_("All required Python packages are installed."))
+
+    def onReinstallPackages(self) -> None:
+        with slicer.util.tryWithErrorDisplay(_("Failed to reinstall the Python packages."), waitCursor=True):
+            self.installPackages(optional=True, reinstall=True)
+            self.addLog(_("Python packages reinstalled."))
 
     def onApplyButton(self) -> None:
         """Segment abdomen, or Cancel while a segmentation is running."""
@@ -349,23 +484,24 @@ class AbdomenKDSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.onCancel()
             return
         try:
-            ensurePythonPackages(self.resourcePath("requirements.txt"), self.addLog)
+            self.installPackages()
         except Exception as exc:
-            slicer.util.errorDisplay(f"The segmentation cannot run: {exc}")
+            slicer.util.errorDisplay(_("The segmentation cannot run: {error}").format(error=exc))
             return
         parameters = self._parameterNode
         allowOtherVolume = False
         otherVolume = self.logic.otherVolumeOfSegmentation(parameters.outputSegmentation, parameters.inputVolume)
         if otherVolume is not None:
             if not slicer.util.confirmOkCancelDisplay(
-                    f"The segmentation '{parameters.outputSegmentation.GetName()}' belongs to the volume "
-                    f"'{otherVolume}', not to '{parameters.inputVolume.GetName()}'.\n\n"
-                    "Replace its organ segments with the organs of this volume? Its other segments are kept.\n"
-                    "(Cancel, then choose \"Create new segmentation\" to keep it as it is.)",
-                    "Replace the organs of another volume?"):
+                    _("The segmentation '{segmentation}' belongs to the volume '{other}', not to '{volume}'.\n\n"
+                      "Replace its organ segments with the organs of this volume? Its other segments are kept.\n"
+                      "(Cancel, then choose \"Create new segmentation\" to keep it as it is.)").format(
+                        segmentation=parameters.outputSegmentation.GetName(), other=otherVolume,
+                        volume=parameters.inputVolume.GetName()),
+                    _("Replace the organs of another volume?")):
                 return
             allowOtherVolume = True
-        self.addLog(f"--- Segmenting '{parameters.inputVolume.GetName()}' ---")
+        self.addLog(_("--- Segmenting '{volume}' ---").format(volume=parameters.inputVolume.GetName()))
         try:
             self._runOutput = self.logic.segment(
                 parameters.inputVolume,
@@ -380,12 +516,13 @@ class AbdomenKDSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 allowOtherVolume=allowOtherVolume,
             )
         except Exception as exc:
-            slicer.util.errorDisplay(f"The segmentation could not start: {exc}")
+            slicer.util.errorDisplay(_("The segmentation could not start: {error}").format(error=exc))
             return
         self.ui.progressBar.value = 0
         self.ui.progressBar.setVisible(True)
-        self.ui.statusLabel.text = "Starting ..."
+        self.ui.statusLabel.text = _("Starting ...")
         self._showResults([])
+        self._showVolumes([])
         self._updateApplyButton()
         self._pollTimer.start()
 
@@ -398,9 +535,9 @@ class AbdomenKDSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             running = self.logic.poll()
         except Exception as exc:
             self._runFinished()
-            self.ui.statusLabel.text = "Segmentation failed."
-            self.addLog(f"Error: {exc}")
-            slicer.util.errorDisplay(f"Segmentation failed: {exc}")
+            self.ui.statusLabel.text = _("Segmentation failed.")
+            self.addLog(_("Error: {error}").format(error=exc))
+            slicer.util.errorDisplay(_("Segmentation failed: {error}").format(error=exc))
             return
         if running:
             return
@@ -412,9 +549,16 @@ class AbdomenKDSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._parameterNode.outputSegmentation = output
         self.ui.show3DButton.setSegmentationNode(output)
         count = len(info.warnings)
-        self.ui.statusLabel.text = f"Done, with {count} warning{'s' if count > 1 else ''}." if count else "Done."
-        self.ui.timingLabel.text = f"Last run ('{info.volume_name}'): {info.summary()}"
+        if count == 0:
+            self.ui.statusLabel.text = _("Done.")
+        elif count == 1:
+            self.ui.statusLabel.text = _("Done, with 1 warning.")
+        else:
+            self.ui.statusLabel.text = _("Done, with {count} warnings.").format(count=count)
+        self.ui.timingLabel.text = _("Last run ('{volume}'): {summary}").format(volume=info.volume_name,
+                                                                             summary=info.summary())
         self._showResults(info.notes())
+        self._showVolumes(info.volume_rows())
         slicer.util.setSliceViewerLayers(background=self._parameterNode.inputVolume)
 
     def _showResults(self, notes: list) -> None:
@@ -422,10 +566,22 @@ class AbdomenKDSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.resultsLabel.text = "\n".join(notes)
         self.ui.resultsLabel.setVisible(bool(notes))
 
+    def _showVolumes(self, rows: list) -> None:
+        """Organ volumes (mL) of the last run in the table; organs not found say so (hidden when empty)."""
+        table = self.ui.volumesTableWidget
+        table.setRowCount(len(rows))
+        for row, (organ, volume) in enumerate(rows):
+            table.setItem(row, 0, qt.QTableWidgetItem(organ))
+            item = qt.QTableWidgetItem(volume if volume != "not found" else _("not found"))
+            item.setTextAlignment(qt.Qt.AlignRight | qt.Qt.AlignVCenter)
+            table.setItem(row, 1, item)
+        table.resizeColumnToContents(0)
+        table.setVisible(bool(rows))
+
     def onCancel(self) -> None:
         self.logic.cancel()
         self._runFinished()
-        self.ui.statusLabel.text = "Cancelled."
+        self.ui.statusLabel.text = _("Cancelled.")
 
     def _runFinished(self) -> None:
         self._pollTimer.stop()
@@ -452,14 +608,21 @@ class AbdomenKDSegTest(ScriptedLoadableModuleTest):
         self.test_segment_small_ct()
 
     def test_segment_small_ct(self):
-        self.delayDisplay("Loading a small abdominal CT")
-        ensurePythonPackages(os.path.join(_MODULE_DIR, "Resources", "requirements.txt"))
+        missing = missingRequiredPackages()
+        if missing:  # the self-test never installs packages (no network on test machines)
+            message = _("AbdomenKDSeg self-test skipped: these Python packages are not installed: {packages}. "
+                        "Install them in the module's Packages section, then run the test again.").format(
+                            packages="; ".join(missing))
+            logging.warning(message)
+            self.delayDisplay(message)
+            raise unittest.SkipTest(message)
+        self.delayDisplay(_("Loading a small abdominal CT"))
         volume = slicer.util.loadVolume(sampleCTPath())
         voxelsBefore = slicer.util.arrayFromVolume(volume).copy()
         matrixBefore = vtk.vtkMatrix4x4()
         volume.GetIJKToRASMatrix(matrixBefore)
 
-        self.delayDisplay("Segmenting on the CPU")
+        self.delayDisplay(_("Segmenting on the CPU"))
         fractions = []
         logic = AbdomenKDSegLogic()
         segmentationNode = logic.segment(volume, device="cpu", progress=lambda text, f: fractions.append(f))
@@ -493,4 +656,4 @@ class AbdomenKDSegTest(ScriptedLoadableModuleTest):
         for i in range(4):
             for j in range(4):
                 self.assertAlmostEqual(matrixAfter.GetElement(i, j), matrixBefore.GetElement(i, j))
-        self.delayDisplay("Test passed")
+        self.delayDisplay(_("Test passed"))

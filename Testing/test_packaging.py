@@ -140,6 +140,18 @@ def test_icon_and_screenshot_urls_point_to_files_in_the_repository(top_cmake):
         homepage.replace("https://github.com/", "https://raw.githubusercontent.com/"))
 
 
+def test_index_metadata_is_honest_about_the_model_and_shows_the_module_result(top_cmake):
+    contributors = " ".join(top_cmake["EXTENSION_CONTRIBUTORS"])
+    assert contributors == "AbdomenKDSeg team (Independent)"  # Slicer convention "Name (Organization)"
+    description = " ".join(top_cmake["EXTENSION_DESCRIPTION"])
+    assert "demonstration model" in description and "single real labeled CT" in description
+    assert "accuracy measured on unseen CT is stated in the README" in description and "DSC" not in description
+    screenshots = " ".join(top_cmake["EXTENSION_SCREENSHOTURLS"]).split()
+    assert [_repo_file_of_url(u).name for u in screenshots] == ["organs-3d-module-result.png"]
+    assert "reference-labels" not in (REPO / "README.md").read_text(encoding="utf-8")
+    assert "organs-3d-module-result.png" in (REPO / "README.md").read_text(encoding="utf-8")
+
+
 # ----------------------------------------------------------------------------- index entry
 def test_index_entry_validates_against_the_schema():
     entry = json.loads(INDEX_ENTRY.read_text(encoding="utf-8"))

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import ast
 import json
+import re
 import subprocess
 import sys
 import textwrap
@@ -107,6 +108,13 @@ def test_every_widget_used_by_the_module_exists_in_the_ui(module_ast):
     ("modelPathLineEdit", "ctkPathLineEdit"),
     ("fineStageCheckBox", "QCheckBox"),
     ("keepCoarseCheckBox", "QCheckBox"),
+    ("modelInfoLabel", "QLabel"),
+    ("demonstrationNoteLabel", "QLabel"),
+    ("volumesTableWidget", "QTableWidget"),
+    ("packagesCollapsibleButton", "ctkCollapsibleButton"),
+    ("packagesLabel", "QLabel"),
+    ("installDependenciesButton", "QPushButton"),
+    ("reinstallPackagesButton", "QPushButton"),
 ])
 def test_required_control_is_present(name, cls):
     widgets = ui_widgets()
@@ -201,7 +209,7 @@ def test_widget_loads_the_ui_file_and_requirements_that_exist(module_ast):
         if (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute)
                 and node.func.attr == "resourcePath" and node.args and isinstance(node.args[0], ast.Constant)):
             resources.add(node.args[0].value)
-    assert {"UI/AbdomenKDSeg.ui", "requirements.txt"} <= resources
+    assert {"UI/AbdomenKDSeg.ui", "requirements.txt", "requirements-optional.txt"} <= resources
     for relative in resources:
         assert (REPO / "AbdomenKDSeg" / "Resources" / relative).is_file(), relative
 
@@ -247,6 +255,7 @@ LOAD_SCRIPT = textwrap.dedent("""
     hints = module.AbdomenKDSegParameterNode.hints
     print(json.dumps({
         "title": parent.title, "categories": parent.categories, "help": parent.helpText,
+        "contributors": parent.contributors,
         "ack": parent.acknowledgementText,
         "hints": {k: getattr(v, "__name__", str(v)) for k, v in hints.items()},
         "device_choices": hints["device"].__metadata__[0].choices,
@@ -271,8 +280,14 @@ def test_module_loads_without_torch_or_engine_packages(loaded_module):
 
 
 def test_module_description(loaded_module):
-    assert loaded_module["title"] in ("Abdomen KD Seg", "AbdomenKDSeg")
+    assert loaded_module["title"] == "Abdominal Organs"  # plain language; the module name stays AbdomenKDSeg
     assert loaded_module["categories"] == ["Segmentation"]
+    assert loaded_module["contributors"] == ["AbdomenKDSeg team (Independent)"]
+    assert all(re.fullmatch(r"[^()]+ \([^()]+\)", c) for c in loaded_module["contributors"])  # "Name (Organization)"
+    help_text = " ".join(loaded_module["help"].split())
+    assert "demonstration model" in help_text and "single real labeled CT" in help_text
+    assert "accuracy measured on unseen CT is stated in the README" in help_text
+    assert "DSC" not in help_text  # figures are left to the README and the model's card
     ack = " ".join(loaded_module["ack"].split())
     assert "Choi" in ack and "FLARE" in ack
     assert ("Knowledge Distillation from Cross Teaching Teachers for Efficient Semi-Supervised Abdominal "
@@ -339,3 +354,109 @@ def test_a_new_input_volume_resets_the_output_to_create_new():
     # first sight of the parameter node (e.g. a loaded scene): its output is kept; same input: kept;
     # another input volume: back to None ("Create new segmentation"), once.
     assert steps == [False, "organs of CT 1", False, "organs of CT 1", True, None, False, None]
+
+
+def test_model_line_packages_and_volumes_in_the_panel(module_ast):
+    """The model line and the demonstration note in the (open) Inputs section; packages in their own section."""
+    w = ui_widgets()
+    inputs = descendants(w["inputsCollapsibleButton"])
+    assert {"modelInfoLabel", "demonstrationNoteLabel"} <= inputs
+    assert prop(w["inputsCollapsibleButton"], "collapsed") in (None, False)
+    assert prop(w["modelInfoLabel"], "textFormat") == "Qt::PlainText" and prop(w["modelInfoLabel"], "wordWrap")
+    note = prop(w["demonstrationNoteLabel"], "text")
+    assert note.startswith("Demonstration model: not for clinical use") and "README" in note
+    packages = w["packagesCollapsibleButton"]
+    assert prop(packages, "text") == "Packages" and prop(packages, "collapsed") is True
+    assert {"packagesLabel", "installDependenciesButton", "reinstallPackagesButton"} <= descendants(packages)
+    assert prop(w["reinstallPackagesButton"], "text") == "Reinstall"
+    assert "installDependenciesButton" not in descendants(w["advancedCollapsibleButton"])
+    for section in ("logCollapsibleButton", "advancedCollapsibleButton", "packagesCollapsibleButton"):
+        assert "volumesTableWidget" not in descendants(w[section])
+    columns = [c.find("property/string").text for c in w["volumesTableWidget"].findall("column")]
+    assert columns == ["Organ", "Volume (mL)"]
+    source = ast.unparse(module_ast)
+    assert "self._showVolumes(info.volume_rows())" in source
+    assert "model_card.describe_model(path)" in source
+    assert "self.ui.demonstrationNoteLabel.setVisible(demonstration)" in source
+    assert "dependencies.package_status(required, optional)" in source
+    assert "reinstall=True" in source
+
+
+DISPLAY_CALLS = {"errorDisplay", "warningDisplay", "infoDisplay", "confirmOkCancelDisplay", "delayDisplay",
+                 "tryWithErrorDisplay"}
+
+
+def _translated(node: ast.AST) -> bool:
+    """``_("...")``, ``_("...").format(...)``, ``translate(...)``, a variable, or text joined from those."""
+    if isinstance(node, ast.Call):
+        func = node.func
+        if isinstance(func, ast.Name) and func.id in ("_", "translate"):
+            return True
+        if isinstance(func, ast.Attribute) and func.attr in ("format", "join"):
+            return _translated(func.value) or func.attr == "join"
+        return True  # another call computes the text (e.g. a model card line)
+    if isinstance(node, ast.BinOp):
+        return _translated(node.left) and _translated(node.right)
+    return not isinstance(node, (ast.Constant, ast.JoinedStr))
+
+
+def test_user_visible_strings_are_translatable(module_ast):
+    source = MODULE_FILE.read_text(encoding="utf-8")
+    assert "from slicer.i18n import tr as _" in source and "from slicer.i18n import translate" in source
+    untranslated = []
+    for node in ast.walk(module_ast):
+        if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr in DISPLAY_CALLS:
+            texts = node.args[:2] if node.func.attr == "confirmOkCancelDisplay" else node.args[:1]
+            untranslated += [ast.unparse(t) for t in texts if not _translated(t)]
+        if isinstance(node, ast.Assign):
+            for target in node.targets:
+                name = ast.unparse(target)
+                if (name.startswith(("self.ui.", "self.parent.")) and name.split(".")[-1] in (
+                        "text", "toolTip", "title", "helpText", "acknowledgementText")
+                        and not _translated(node.value)):
+                    untranslated.append(name)
+    assert not untranslated, f"user-visible strings without _(): {untranslated}"
+    cls = next(n for n in module_ast.body if isinstance(n, ast.ClassDef) and n.name == "AbdomenKDSeg")
+    assert "translate('qSlicerAbstractCoreModule', 'Segmentation')" in ast.unparse(cls)
+
+
+SELF_TEST_SCRIPT = LOAD_SCRIPT.split("parent = types.SimpleNamespace()")[0].replace(
+    'scripted.ScriptedLoadableModuleTest = type("ScriptedLoadableModuleTest", (), {})',
+    textwrap.dedent("""
+    import unittest
+    class ScriptedLoadableModuleTest(unittest.TestCase):
+        shown = []
+        def delayDisplay(self, message, msec=None):
+            self.shown.append(message)
+    scripted.ScriptedLoadableModuleTest = ScriptedLoadableModuleTest
+    """)) + textwrap.dedent("""
+    import importlib.metadata, slicer
+    real_version = importlib.metadata.version
+    def version(name):  # a test machine without PyTorch
+        if name == "torch":
+            raise importlib.metadata.PackageNotFoundError(name)
+        return real_version(name)
+    importlib.metadata.version = version
+    def no_pip(*args, **kwargs):
+        raise AssertionError("the self-test must never install packages")
+    slicer.util.pip_install = no_pip
+    slicer.mrmlScene = slicer.vtkMRMLScene()  # real MRML (slicer-core)
+    result = unittest.TestResult()
+    module.AbdomenKDSegTest("runTest").run(result)
+    print(json.dumps({"skipped": [reason for _, reason in result.skipped],
+                      "errors": [text for _, text in result.errors + result.failures],
+                      "shown": ScriptedLoadableModuleTest.shown, "testsRun": result.testsRun}))
+""")
+
+
+def test_self_test_skips_with_a_clear_message_when_a_package_is_missing():
+    proc = subprocess.run([sys.executable, "-c", SELF_TEST_SCRIPT, str(MODULE_FILE)], capture_output=True,
+                          text=True, timeout=120, cwd=REPO)
+    assert proc.returncode == 0, proc.stderr
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert result["errors"] == [] and result["testsRun"] == 1
+    assert len(result["skipped"]) == 1
+    reason = result["skipped"][0]
+    assert reason.startswith("AbdomenKDSeg self-test skipped: these Python packages are not installed: torch")
+    assert "Packages section" in reason
+    assert result["shown"] == [reason]  # shown in Slicer too, and nothing was loaded or run
