@@ -24,6 +24,7 @@ from AbdomenKDSegLib.training.data import find_cases
 from AbdomenKDSegLib.training.make_training_set import (
     GeneratorOptions,
     RenderRanges,
+    clamp_interval,
     draw_render,
     make_training_set,
     parse_heldout,
@@ -215,3 +216,12 @@ def test_parse_heldout():
     assert parse_heldout("41-43") == ["0041", "0042", "0043"]
     assert parse_heldout("0003, 7") == ["0003", "7"]
     assert parse_heldout("") == []
+
+
+def test_clamp_interval_never_inverts_or_shrinks_below_the_minimum():
+    assert clamp_interval((10.0, 90.0), (0.0, 100.0), 20.0) == (10.0, 90.0)
+    assert clamp_interval((-50.0, 40.0), (0.0, 100.0), 20.0) == (0.0, 40.0)
+    assert clamp_interval((150.0, 200.0), (0.0, 100.0), 20.0) == (80.0, 100.0)  # wholly outside: nearest end
+    assert clamp_interval((-80.0, -60.0), (0.0, 100.0), 20.0) == (0.0, 20.0)
+    assert clamp_interval((45.0, 50.0), (0.0, 100.0), 20.0) == (37.5, 57.5)
+    assert clamp_interval((0.0, 50.0), (10.0, 15.0), 20.0) == (10.0, 15.0)

@@ -191,6 +191,20 @@ def valid_z_range(transfer, source, target, z_lo: float, z_hi: float, step: floa
     return float(best_range[0]), float(best_range[1])
 
 
+def clamp_interval(z: Tuple[float, float], bounds: Tuple[float, float], min_length: float
+                   ) -> Tuple[float, float]:
+    """``z`` intersected with ``bounds``; if that is shorter than ``min_length`` (or empty), an interval
+    of ``min_length`` inside ``bounds`` (all of ``bounds`` if shorter) as near to ``z`` as possible."""
+    lo, hi = max(z[0], bounds[0]), min(z[1], bounds[1])
+    if hi - lo >= min_length:
+        return float(lo), float(hi)
+    if bounds[1] - bounds[0] <= min_length:
+        return float(bounds[0]), float(bounds[1])
+    half = 0.5 * min_length
+    centre = float(np.clip(0.5 * (z[0] + z[1]), bounds[0] + half, bounds[1] - half))
+    return centre - half, centre + half
+
+
 def draw_render(rng: np.random.Generator, transfer, source, target, ranges: RenderRanges  # noqa: ANN001
                 ) -> RenderDraw:
     """Draw the field of view (z range in target space) and the output grid of one case."""
@@ -205,7 +219,8 @@ def draw_render(rng: np.random.Generator, transfer, source, target, ranges: Rend
         z = wide
     elif fov == "slab":
         length = rng.uniform(*ranges.slab_mm)
-        centre = rng.uniform(organ_lo, organ_hi)
+        lo, hi = max(organ_lo, wide[0]), min(organ_hi, wide[1])
+        centre = rng.uniform(lo, hi) if lo < hi else 0.5 * (wide[0] + wide[1])
         z = (centre - length / 2, centre + length / 2)
     elif fov == "liver_cut":
         liver_z = np.argwhere((target.array == 1).any(axis=(1, 2)))[:, 0]
@@ -214,10 +229,7 @@ def draw_render(rng: np.random.Generator, transfer, source, target, ranges: Rend
         z = (own[0], cut) if rng.uniform() < 0.5 else (cut, own[1])
     else:
         z = own
-    z = (max(z[0], wide[0]), min(z[1], wide[1]))
-    if z[1] - z[0] < 20.0:  # never thinner than a few slices
-        mid = 0.5 * (z[0] + z[1])
-        z = (max(wide[0], mid - 10.0), min(wide[1], mid + 10.0))
+    z = clamp_interval(z, wide, 20.0)
     thickness = float(rng.uniform(*ranges.slice_thickness_mm))
     dz = float(np.clip(thickness, *ranges.slice_spacing_mm))
     dxy = float(rng.uniform(*ranges.inplane_spacing_mm))
