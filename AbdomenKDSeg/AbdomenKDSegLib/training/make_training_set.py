@@ -162,21 +162,30 @@ def case_seed(seed: int, target: str, variant: int) -> int:
     return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
 
 
-def valid_z_range(transfer, source, target, z_lo: float, z_hi: float, step: float = 2.0  # noqa: ANN001
-                  ) -> Tuple[float, float]:
-    """Target-space z interval (mm) inside [z_lo, z_hi] whose whole in-plane field of view maps into
-    the source's z extent (the source has no data beyond it)."""
+#: How far (mm, source space) a case may reach above the source CT's top slice. The source CT ends
+#: inside the liver, spleen and stomach (no liver dome, no lung above it); above its top the
+#: generator continues the body from the top slice and paints the target's organs there, with lung
+#: where the source's organs would continue (:func:`render_case`).
+TOP_EXTENSION_MM = 80.0
+
+
+def valid_z_range(transfer, source, target, z_lo: float, z_hi: float, step: float = 2.0,  # noqa: ANN001
+                  top_extension_mm: float = TOP_EXTENSION_MM) -> Tuple[float, float]:
+    """Target-space z interval (mm) inside [z_lo, z_hi] whose central in-plane field of view (the middle
+    half, where the body is) maps into the source's z extent, extended by ``top_extension_mm`` above
+    the source's top slice (below its bottom slice the source has no data)."""
     import torch
 
     ext = target.extent()
     zs = np.arange(z_lo, z_hi + 1e-6, step)
-    ys = np.linspace(ext[1, 0], ext[1, 1], 9)
-    xs = np.linspace(ext[2, 0], ext[2, 1], 9)
+    centre, half = ext[1:].mean(axis=1), 0.25 * (ext[1:, 1] - ext[1:, 0])
+    ys = np.linspace(centre[0] - half[0], centre[0] + half[0], 9)
+    xs = np.linspace(centre[1] - half[1], centre[1] + half[1], 9)
     pts = torch.as_tensor(np.stack(np.meshgrid(zs, ys, xs, indexing="ij"), -1), dtype=torch.float32)
     with torch.no_grad():
         mapped_z = transfer.map_points(pts)[..., 0].numpy()
     src = source.extent()[0]
-    ok = ((mapped_z >= src[0]) & (mapped_z <= src[1])).all(axis=(1, 2))
+    ok = ((mapped_z >= src[0]) & (mapped_z <= src[1] + top_extension_mm)).all(axis=(1, 2))
     if not ok.any():
         raise InputError("the source CT does not cover any slab of the target's field of view")
     # the longest run of valid slices
@@ -259,19 +268,32 @@ def render_case(source_image, source_labels, source_hu: Dict[int, float], transf
     src_img = torch.as_tensor(source_image.array, dtype=torch.float32)[None, None] + 1024.0
     src_lab = torch.as_tensor(source_labels.array, dtype=torch.float32)[None, None]
     chunk = max(1, int(4e6 // (shape[1] * shape[2])))
+    above = torch.zeros(tuple(shape), dtype=torch.bool)  # beyond the source's top slice
+    replicated = torch.empty(tuple(shape), dtype=torch.uint8)  # source labels continued upward
+    top = source_image.extent()[0, 1] + 0.5 * source_image.spacing[0]
     with torch.no_grad():
         for z0 in range(0, shape[0], chunk):
             n = min(chunk, shape[0] - z0)
             pts = grid_points((n, shape[1], shape[2]), spacing, (origin[0] + z0 * spacing[0], origin[1], origin[2]))
-            grid = to_sampling_grid(transfer.map_points(pts), source_image)[None]
-            image[z0:z0 + n] = F.grid_sample(src_img, grid, mode="bilinear", padding_mode="zeros",
+            mapped = transfer.map_points(pts)
+            above[z0:z0 + n] = mapped[..., 0] > top
+            grid = to_sampling_grid(mapped, source_image)[None]
+            # in-plane the border is air; above the top slice the body continues ("border")
+            image[z0:z0 + n] = F.grid_sample(src_img, grid, mode="bilinear", padding_mode="border",
                                              align_corners=True)[0, 0] - 1024.0
             labels[z0:z0 + n] = F.grid_sample(src_lab, grid, mode="nearest", padding_mode="zeros",
                                               align_corners=True)[0, 0].to(torch.uint8)
-        # the target's esophagus (absent from the source labels), painted where the warp left background
+            replicated[z0:z0 + n] = F.grid_sample(src_lab, grid, mode="nearest", padding_mode="border",
+                                                  align_corners=True)[0, 0].to(torch.uint8)
         extent = np.stack([origin, origin + (shape - 1) * spacing], 1)
-        tgt_on_grid = torch.as_tensor(nearest_on_grid(target, spacing, extent).array)
-        eso = (tgt_on_grid == 10) & (labels == 0)
+        tgt_on_grid = torch.as_tensor(nearest_on_grid(target, spacing, extent).array.astype(np.uint8))
+        # above the source: the target's organs (e.g. the liver dome), lung where the source's organs
+        # would continue; the body wall, spine and fat continue from the top slice
+        labels[above] = tgt_on_grid[above]
+        lung = above & (replicated > 0) & (tgt_on_grid == 0)
+        image[lung] = -850.0 + 40.0 * torch.randn(int(lung.sum()), generator=gen)
+        # the target's esophagus (absent from the source labels), painted where the warp left background
+        eso = (tgt_on_grid == 10) & ((labels == 0) | (above & (labels == 10)))
         labels[eso] = 10
         image[eso] = 40.0 + 8.0 * torch.randn(int(eso.sum()), generator=gen)
         out = apply_appearance(image, labels, spacing, source_hu, appearance, gen)
