@@ -225,3 +225,29 @@ def test_clamp_interval_never_inverts_or_shrinks_below_the_minimum():
     assert clamp_interval((-80.0, -60.0), (0.0, 100.0), 20.0) == (0.0, 20.0)
     assert clamp_interval((45.0, 50.0), (0.0, 100.0), 20.0) == (37.5, 57.5)
     assert clamp_interval((0.0, 50.0), (10.0, 15.0), 20.0) == (10.0, 15.0)
+
+
+def test_above_the_source_top_the_target_organs_and_lung_are_painted():
+    from AbdomenKDSegLib.training.anatomy_transfer import Transfer
+    from AbdomenKDSegLib.training.appearance import draw_appearance
+    from AbdomenKDSegLib.training.make_training_set import RenderDraw, render_case
+
+    shape, sp = (20, 16, 16), (5.0, 5.0, 5.0)
+    src_lab = np.zeros(shape, np.uint8)
+    src_lab[10:, 4:12, 4:12] = 1  # the source's liver runs into its top slice (z = 95 mm)
+    src_img = np.where(src_lab > 0, 50.0, -80.0).astype(np.float32)
+    source_image = GridVolume(src_img, sp, (0.0, 0.0, 0.0))
+    source_labels = GridVolume(src_lab, sp, (0.0, 0.0, 0.0))
+    tgt = np.zeros((30, 16, 16), np.uint8)
+    tgt[12:25, 4:12, 4:8] = 1  # the target's liver ends at z = 120 mm, narrower than the source's
+    target = GridVolume(tgt, sp, (0.0, 0.0, 0.0))
+    transfer = Transfer(np.eye(3), np.zeros(3), torch.zeros(1, 3, 2, 2, 2), target.extent())
+    look = replace(draw_appearance(np.random.default_rng(0), 5.0), noise_hu=0.0, blur_mm=0.0,
+                   texture_hu={k: 0.0 for k in range(1, 14)}, clip=False)
+    draw = RenderDraw("target", (0.0, 145.0), sp, 5.0)
+    image, labels, _, _ = render_case(source_image, source_labels, {1: 50.0}, transfer, target, draw, look, 0)
+    above = slice(20, 30)  # z > 97.5 mm: beyond the source's top
+    assert np.array_equal(labels[above], tgt[above])  # the target's organs, the liver dome included
+    lung = (tgt[above] == 0) & (np.broadcast_to(src_lab[-1], labels[above].shape) > 0)
+    assert lung.any() and (image[above][lung] < -600).all()  # lung where the source liver would go on
+    assert np.array_equal(labels[:20], src_lab)  # inside the source: its own labels
