@@ -21,6 +21,7 @@ import SimpleITK as sitk
 import slicer
 import torch
 import vtk
+from logic_helpers import SMALL_CT, scene_state
 from vtk.util.numpy_support import vtk_to_numpy
 
 from AbdomenKDSegLib import worker as worker_module
@@ -60,21 +61,6 @@ def new_scene():
     scene = slicer.vtkMRMLScene()
     slicer.mrmlScene = scene
     return scene
-
-
-def scene_state(scene) -> list:
-    """Every node (id, class, name, modified time) and every segmentation's segments (id, name)."""
-    state = []
-    nodes = scene.GetNodes()
-    for i in range(nodes.GetNumberOfItems()):
-        node = nodes.GetItemAsObject(i)
-        entry = [node.GetID(), node.GetClassName(), node.GetName(), node.GetMTime()]
-        if node.IsA("vtkMRMLSegmentationNode"):
-            seg = node.GetSegmentation()
-            entry.append([(seg.GetNthSegmentID(k), seg.GetNthSegment(k).GetName())
-                          for k in range(seg.GetNumberOfSegments())])
-        state.append(entry)
-    return state
 
 
 def segment_ids(node) -> list[str]:
@@ -576,12 +562,11 @@ def test_worker_exits_when_its_parent_dies():
 
 def test_self_test_ct_shipped_with_the_module(mrml_scene, tiny_bundle):
     """The module's self-test input: the real sample CT averaged to 6 mm, and it runs through the logic."""
-    path = Path(__file__).resolve().parents[1] / "AbdomenKDSeg" / "Resources" / "Testing" / "ct-abdomen-6mm.nrrd"
-    small = sitk.ReadImage(str(path))
+    small = sitk.ReadImage(str(SMALL_CT))
     full = sitk.ReadImage(str(SAMPLE_CT), sitk.sitkFloat32)
     averaged = np.clip(sitk.GetArrayFromImage(sitk.BinShrink(full, [2, 2, 2])), -1024, 3071)  # 2x2x2 means
     assert np.abs(sitk.GetArrayFromImage(small) - averaged).max() <= 0.5  # stored as rounded int16
-    volume = load_volume(mrml_scene, path, "CT 6 mm")
+    volume = load_volume(mrml_scene, SMALL_CT, "CT 6 mm")
     node = make_logic().segment(volume, device="cpu", model=tiny_bundle)
     assert segment_ids(node) == FLARE_ORDER
     labels, matrix = export_labels(mrml_scene, node, FLARE_ORDER, volume)

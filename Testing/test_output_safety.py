@@ -15,6 +15,7 @@ import pytest
 import slicer
 import torch
 import vtk
+from logic_helpers import SMALL_CT, scene_state
 from vtk.util.numpy_support import vtk_to_numpy
 
 from AbdomenKDSegLib.errors import InputError
@@ -34,7 +35,6 @@ from AbdomenKDSegLib.organs import BY_KEY, ORGANS
 from conftest import load_volume
 from engine_helpers import make_tiny_bundle
 
-SMALL_CT = Path(__file__).resolve().parents[1] / "AbdomenKDSeg" / "Resources" / "Testing" / "ct-abdomen-6mm.nrrd"
 ORGAN_KEYS = [o.key for o in ORGANS]
 TUMOR_ENTRY = ("Segmentation category and type - 3D Slicer General Anatomy list~SCT^49755003^Morphologically "
                "Altered Structure~SCT^108369006^Tumor~^^~Anatomic codes - DICOM master list~^^~^^")
@@ -82,18 +82,6 @@ def add_user_segment(node, segment_id: str, name: str, volume) -> None:
     segment.SetTag(terminology_tag_name(), TUMOR_ENTRY)
     segment.AddRepresentation("Binary labelmap", image)
     assert node.GetSegmentation().AddSegment(segment, segment_id)
-
-
-def scene_state(scene) -> list:
-    state = []
-    nodes = scene.GetNodes()
-    for i in range(nodes.GetNumberOfItems()):
-        node = nodes.GetItemAsObject(i)
-        entry = [node.GetID(), node.GetClassName(), node.GetName(), node.GetMTime()]
-        if node.IsA("vtkMRMLSegmentationNode"):
-            entry.append(segment_ids(node))
-        state.append(entry)
-    return state
 
 
 # ----------------------------------------------------------------------------- re-running into a segmentation

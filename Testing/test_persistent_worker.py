@@ -22,6 +22,7 @@ import pytest
 import slicer
 import torch
 import vtk
+from logic_helpers import LAUNCHER, SMALL_CT, TESTING, process_running, scene_state, wait_gone
 
 from AbdomenKDSegLib import worker as worker_module
 from AbdomenKDSegLib.errors import BundleError, InputError
@@ -30,33 +31,10 @@ from AbdomenKDSegLib.logic import AbdomenKDSegLogic, SegmentationCancelled
 from conftest import load_volume
 from engine_helpers import make_tiny_bundle
 
-TESTING = Path(__file__).resolve().parent
-LAUNCHER = TESTING / "fake_python_launcher.py"
-SMALL_CT = TESTING.parent / "AbdomenKDSeg" / "Resources" / "Testing" / "ct-abdomen-6mm.nrrd"
-
 pytestmark = pytest.mark.skipif(os.name == "nt", reason="POSIX process groups and /proc")
 
 
 # ----------------------------------------------------------------------------- helpers
-def process_running(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_bytes()
-    except OSError:
-        return True
-    return stat[stat.rfind(b")") + 2:][:1] not in (b"Z", b"X")
-
-
-def wait_gone(pids: list[int], seconds: float) -> None:
-    deadline = time.monotonic() + seconds
-    while any(process_running(p) for p in pids):
-        assert time.monotonic() < deadline, f"still running: {[p for p in pids if process_running(p)]}"
-        time.sleep(0.05)
-
-
 def started_pids(logs: list[str]) -> list[int]:
     """Pids of the real Pythons started, from the "Worker started (process N, ...)" lines."""
     return [int(line.split("(process ")[1].split(",")[0]) for line in logs
@@ -70,19 +48,6 @@ def make_logic(logs: list[str], launcher: bool = False) -> AbdomenKDSegLogic:
     logic.threads = torch.get_num_threads()
     logic.logCallback = logs.append
     return logic
-
-
-def scene_state(scene) -> list:
-    state = []
-    nodes = scene.GetNodes()
-    for i in range(nodes.GetNumberOfItems()):
-        node = nodes.GetItemAsObject(i)
-        entry = [node.GetID(), node.GetClassName(), node.GetName(), node.GetMTime()]
-        if node.IsA("vtkMRMLSegmentationNode"):
-            seg = node.GetSegmentation()
-            entry.append([seg.GetNthSegmentID(k) for k in range(seg.GetNumberOfSegments())])
-        state.append(entry)
-    return state
 
 
 def labels_of(scene, segmentation_node, volume) -> np.ndarray:

@@ -20,6 +20,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from logic_helpers import LAUNCHER, SMALL_CT, TESTING, process_running, wait_gone
 
 from AbdomenKDSegLib import logic as logic_module
 from AbdomenKDSegLib import worker as worker_module
@@ -29,37 +30,10 @@ from AbdomenKDSegLib.organs import ORGANS
 from conftest import load_volume
 from engine_helpers import make_tiny_bundle
 
-TESTING = Path(__file__).resolve().parent
-LAUNCHER = TESTING / "fake_python_launcher.py"
-SMALL_CT = TESTING.parent / "AbdomenKDSeg" / "Resources" / "Testing" / "ct-abdomen-6mm.nrrd"
-
 pytestmark = pytest.mark.skipif(os.name == "nt", reason="POSIX process groups and /proc; Windows uses taskkill")
 
 
 # ----------------------------------------------------------------------------- helpers
-def process_running(pid: int) -> bool:
-    """True while ``pid`` exists and is not a zombie (an orphan nobody reaped yet counts as gone)."""
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_bytes()
-    except OSError:
-        return True
-    return stat[stat.rfind(b")") + 2:][:1] not in (b"Z", b"X")
-
-
-def wait_gone(pids: list[int], seconds: float) -> float:
-    """Seconds until every pid is gone; fails after ``seconds``."""
-    start = time.monotonic()
-    while any(process_running(p) for p in pids):
-        assert time.monotonic() - start < seconds, f"still running after {seconds} s: " + \
-            str([p for p in pids if process_running(p)])
-        time.sleep(0.05)
-    return time.monotonic() - start
-
-
 def started_pid(logs: list[str]) -> int | None:
     """Pid of the real Python, from the logic's "Worker started (process N, ...)" line."""
     for line in logs:

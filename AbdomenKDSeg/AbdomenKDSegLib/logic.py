@@ -874,12 +874,11 @@ class AbdomenKDSegLogic:
             cmd += ["--threads", str(self.threads)]
         return cmd + [str(a) for a in self.workerExtraArgs]
 
-    def worker_request_args(self, input_path: Path, output_path: Path, device: str, organs: list[Organ],
-                            model: Path | None, fine: bool, coarse_output: Path | None = None) -> list[str]:
-        """The options of one run, as the persistent worker receives them (one-shot options)."""
-        argv = ["--input", str(input_path), "--output", str(output_path), "--device", device]
-        if self.backend and self.backend != "auto":
-            argv += ["--backend", str(self.backend)]
+    @staticmethod
+    def run_selection_args(organs: list[Organ], model: Path | None, fine: bool,
+                           coarse_output: Path | None) -> list[str]:
+        """What one run segments and how: the options the one-shot command and the worker request share."""
+        argv: list[str] = []
         if len(organs) < len(BY_VALUE):
             argv += ["--organs", ",".join(str(o.value) for o in organs)]
         if model is not None:
@@ -890,19 +889,20 @@ class AbdomenKDSegLogic:
             argv += ["--coarse-output", str(coarse_output)]
         return argv
 
+    def worker_request_args(self, input_path: Path, output_path: Path, device: str, organs: list[Organ],
+                            model: Path | None, fine: bool, coarse_output: Path | None = None) -> list[str]:
+        """The options of one run, as the persistent worker receives them (one-shot options)."""
+        argv = ["--input", str(input_path), "--output", str(output_path), "--device", device]
+        if self.backend and self.backend != "auto":
+            argv += ["--backend", str(self.backend)]
+        return argv + self.run_selection_args(organs, model, fine, coarse_output)
+
     def worker_command(self, input_path: Path, output_path: Path, device: str, organs: list[Organ],
                        model: Path | None, fine: bool, coarse_output: Path | None = None) -> list[str]:
         """Command line that runs the worker for one segmentation (``coarse_output``: keep coarse result)."""
         cmd = [*python_command(self.pythonExecutable), "-m", self.workerModule, "--input", str(input_path),
                "--output", str(output_path), "--device", device, "--parent-pid", str(os.getpid()), "--watch-stdin"]
-        if len(organs) < len(BY_VALUE):
-            cmd += ["--organs", ",".join(str(o.value) for o in organs)]
-        if model is not None:
-            cmd += ["--model", str(model)]
-        if not fine:
-            cmd.append("--no-fine")
-        if coarse_output is not None:
-            cmd += ["--coarse-output", str(coarse_output)]
+        cmd += self.run_selection_args(organs, model, fine, coarse_output)
         if self.backend and self.backend != "auto":
             cmd += ["--backend", str(self.backend)]
         if self.threads > 0:
