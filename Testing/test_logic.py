@@ -21,7 +21,6 @@ import SimpleITK as sitk
 import slicer
 import torch
 import vtk
-from logic_helpers import SMALL_CT, scene_state
 from vtk.util.numpy_support import vtk_to_numpy
 
 from AbdomenKDSegLib import worker as worker_module
@@ -41,6 +40,7 @@ from AbdomenKDSegLib.organs import BY_KEY, ORGANS
 
 from conftest import load_volume
 from engine_helpers import SAMPLE_CT, make_tiny_bundle
+from logic_helpers import SMALL_CT, scene_state
 
 # SNOMED CT codes written down independently of the organ table (DESIGN.md §3).
 SNOMED = {

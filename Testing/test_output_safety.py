@@ -15,7 +15,6 @@ import pytest
 import slicer
 import torch
 import vtk
-from logic_helpers import SMALL_CT, scene_state
 from vtk.util.numpy_support import vtk_to_numpy
 
 from AbdomenKDSegLib.errors import InputError
@@ -34,6 +33,7 @@ from AbdomenKDSegLib.organs import BY_KEY, ORGANS
 
 from conftest import load_volume
 from engine_helpers import make_tiny_bundle
+from logic_helpers import SMALL_CT, scene_state
 
 ORGAN_KEYS = [o.key for o in ORGANS]
 TUMOR_ENTRY = ("Segmentation category and type - 3D Slicer General Anatomy list~SCT^49755003^Morphologically "

@@ -22,7 +22,6 @@ import pytest
 import slicer
 import torch
 import vtk
-from logic_helpers import LAUNCHER, SMALL_CT, TESTING, process_running, scene_state, wait_gone
 
 from AbdomenKDSegLib import worker as worker_module
 from AbdomenKDSegLib.errors import BundleError, InputError
@@ -30,6 +29,7 @@ from AbdomenKDSegLib.logic import AbdomenKDSegLogic, SegmentationCancelled
 
 from conftest import load_volume
 from engine_helpers import make_tiny_bundle
+from logic_helpers import LAUNCHER, SMALL_CT, TESTING, process_running, scene_state, wait_gone
 
 pytestmark = pytest.mark.skipif(os.name == "nt", reason="POSIX process groups and /proc")
 

@@ -20,7 +20,6 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from logic_helpers import LAUNCHER, SMALL_CT, TESTING, process_running, wait_gone
 
 from AbdomenKDSegLib import logic as logic_module
 from AbdomenKDSegLib import worker as worker_module
@@ -29,6 +28,7 @@ from AbdomenKDSegLib.organs import ORGANS
 
 from conftest import load_volume
 from engine_helpers import make_tiny_bundle
+from logic_helpers import LAUNCHER, SMALL_CT, TESTING, process_running, wait_gone
 
 pytestmark = pytest.mark.skipif(os.name == "nt", reason="POSIX process groups and /proc; Windows uses taskkill")
 
