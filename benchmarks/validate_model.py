@@ -67,7 +67,7 @@ def validate(model: Path, heldout: Optional[Path] = None, threads: Optional[int]
         import torch
 
         torch.set_num_threads(threads)
-    predictor = Predictor(model=load_bundle(model), device="cpu")
+    predictor = Predictor(load_bundle(model), device="cpu")
     report: Dict = {"model": str(model), "validation": {}, "heldout_synthetic": {}}
     for case, organs in VALIDATION.items():
         folder = DATA / case
