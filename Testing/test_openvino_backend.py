@@ -103,7 +103,8 @@ def test_sample_ct_same_label_map_as_pytorch_with_the_bundled_model():
     """The bundled trained model on the sample CT: the label maps of both backends agree.
 
     (Random weights leave many near-ties between classes, where 1e-4 differences flip voxels;
-    the trained model has few: 1 voxel of 1.38 M differed when this test was written.)
+    a trained model has few: 1 voxel of 1.38 M differed with the first trained model, 15 with the
+    cpu_synthetic model, which is less confident on this non-contrast scan.)
     """
     image = sitk.ReadImage(str(SAMPLE_CT))
     labels_ov, info = Predictor(None, device="cpu", backend="openvino").predict(image)
@@ -111,4 +112,4 @@ def test_sample_ct_same_label_map_as_pytorch_with_the_bundled_model():
     a, b = sitk.GetArrayFromImage(labels_ov), sitk.GetArrayFromImage(labels_torch)
     assert info.device == "cpu" and a.shape == b.shape == tuple(reversed(image.GetSize()))
     assert len(np.unique(b)) > 10  # a real segmentation, not an all-background map
-    assert np.count_nonzero(a != b) <= 1e-5 * a.size
+    assert np.count_nonzero(a != b) <= 5e-5 * a.size

@@ -24,14 +24,18 @@ import time
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable, Dict, List, Optional, Sequence, Tuple
+from typing import TYPE_CHECKING, Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
 from ..errors import InputError
 from ..image_io import IMAGE_SUFFIXES
+from .data import _atomic_write_text as atomic_write_text
 
 Progress = Optional[Callable[[str, int, int], None]]
+
+if TYPE_CHECKING:
+    from .anatomy_transfer import FitSettings
 
 
 @dataclass(frozen=True)
@@ -372,7 +376,7 @@ class GeneratorOptions:
     previews: int = 6
     include_source: bool = True
     render: RenderRanges = field(default_factory=RenderRanges)
-    fit: Optional[object] = None  # anatomy_transfer.FitSettings; None: its defaults
+    fit: Optional[FitSettings] = None  # None: the defaults of anatomy_transfer.FitSettings
 
 
 _SOURCE_CACHE: Dict[str, tuple] = {}
@@ -428,7 +432,7 @@ def _render_one(job: dict) -> dict:
              "seconds": round(time.perf_counter() - start, 2)}
     meta = Path(job["meta"])
     meta.parent.mkdir(parents=True, exist_ok=True)
-    meta.write_text(json.dumps(entry, indent=1))
+    atomic_write_text(meta, json.dumps(entry, indent=1))  # written last: marks the case complete
     return entry
 
 
@@ -466,7 +470,10 @@ def make_training_set(opts: GeneratorOptions, progress: Progress = None) -> Dict
         meta = Path(job["meta"])
         done = meta.is_file() and Path(job["image_out"]).is_file() and Path(job["label_out"]).is_file()
         if done:
-            entry = json.loads(meta.read_text())
+            try:
+                entry = json.loads(meta.read_text())
+            except (OSError, ValueError):
+                entry = {}
             done = entry.get("seed") == job["seed"]
         if done:
             entries.append(entry)
@@ -497,7 +504,7 @@ def make_training_set(opts: GeneratorOptions, progress: Progress = None) -> Dict
               "targets": str(opts.targets), "variants": opts.variants, "heldout": list(opts.heldout),
               "fits": fit_report, "fit_dice_mean": _mean_dice(fit_report),
               "cases": sorted(entries, key=lambda e: e["case"])}
-    (out / "report.json").write_text(json.dumps(report, indent=1))
+    atomic_write_text(out / "report.json", json.dumps(report, indent=1))
     return report
 
 
