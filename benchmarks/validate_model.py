@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence
@@ -117,8 +116,7 @@ def main() -> int:
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" / "default_model_validation.json")
     args = parser.parse_args()
-    with tempfile.TemporaryDirectory():
-        report = validate(args.model or default_bundle_path(), args.heldout, args.threads)
+    report = validate(args.model or default_bundle_path(), args.heldout, args.threads)
     print_report(report)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=2))

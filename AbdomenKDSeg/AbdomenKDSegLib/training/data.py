@@ -261,7 +261,8 @@ def _atomic_save_npy(path: Path, array: np.ndarray) -> None:
         raise
 
 
-def _atomic_write_text(path: Path, text: str) -> None:
+def atomic_write_text(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` through a temporary file in the same folder and a rename."""
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=str(path.parent))
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as fh:
@@ -297,7 +298,7 @@ def _write_entry(folder: Path, case: CaseFiles, image: np.ndarray, label: Option
     _atomic_save_npy(entry.image_path, image)
     if label is not None:
         _atomic_save_npy(entry.label_path, label)
-    _atomic_write_text(entry.meta_path, json.dumps(meta, indent=1, sort_keys=True))  # last: marks complete
+    atomic_write_text(entry.meta_path, json.dumps(meta, indent=1, sort_keys=True))  # last: marks complete
     return entry
 
 

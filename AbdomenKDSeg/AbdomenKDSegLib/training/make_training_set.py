@@ -30,7 +30,7 @@ import numpy as np
 
 from ..errors import InputError
 from ..image_io import IMAGE_SUFFIXES
-from .data import _atomic_write_text as atomic_write_text
+from .data import atomic_write_text
 
 Progress = Optional[Callable[[str, int, int], None]]
 
