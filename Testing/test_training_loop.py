@@ -121,6 +121,28 @@ def test_stage_trainer_resumes_bitwise(tmp_path):
     assert epoch_means("part3") == epoch_means("full")  # means include the steps before the stop
 
 
+def test_max_steps_counts_the_steps_of_each_call(tmp_path):
+    """run(max_steps=N) trains N more steps from wherever the stage was resumed (not up to step N)."""
+    cases = synthetic_cases(tmp_path / "cache", 2, 2)
+    recipe = tiny_recipe(checkpoint_every_steps=0)
+
+    def trainer(folder):
+        return StageTrainer("coarse", recipe, cases["labeled"], cases["unlabeled"], folder,
+                            torch.device("cpu"), progress=False)
+
+    full = trainer(tmp_path / "full")
+    full.start(resume=False)
+    assert full.run() is True and full.total_steps == 8
+    steps = []
+    for _ in range(3):
+        part = trainer(tmp_path / "part")
+        part.start(resume=True)
+        finished = part.run(max_steps=3)
+        steps.append((part.global_step, finished))
+    assert steps == [(3, False), (6, False), (8, True)]
+    assert_bitwise_equal(weights_of(full.nets), weights_of(part.nets))
+
+
 def test_lr_poly_per_epoch_and_ramp_in_log(tmp_path):
     cases = synthetic_cases(tmp_path / "cache", 1, 1)
     recipe = tiny_recipe(epochs=4)
@@ -263,24 +285,94 @@ def data_dir(tmp_path_factory) -> Path:
     return root
 
 
-def test_pipeline_resume_matches_uninterrupted_run(data_dir, tmp_path):
+@pytest.fixture(scope="module")
+def uninterrupted_run(data_dir, tmp_path_factory):
+    """The tiny recipe trained on the real data in one go (coarse 4 steps, fine 4 steps)."""
+    root = tmp_path_factory.mktemp("uninterrupted")
     recipe = tiny_recipe()
-    cache = tmp_path / "cache"
-    a = train(recipe, data_dir, tmp_path / "a", cache_dir=cache, progress=False)
+    a = train(recipe, data_dir, root / "a", cache_dir=root / "cache", progress=False)
     assert a.completed and a.stages["coarse"]["steps"] == 4 and a.stages["fine"]["steps"] == 4
+    return recipe, root / "cache", a
+
+
+def assert_same_run(a_dir: Path, b_dir: Path) -> None:
+    for stage in ("coarse", "fine"):
+        sa, sb = stage_checkpoint(a_dir, stage), stage_checkpoint(b_dir, stage)
+        assert sa["global_step"] == sb["global_step"] and sb["completed"]
+        for role in sa["models"]:
+            assert_bitwise_equal(sa["models"][role], sb["models"][role])
+    assert load_bundle(a_dir / "model.safetensors").sha256 == load_bundle(b_dir / "model.safetensors").sha256
+
+
+def test_pipeline_resume_matches_uninterrupted_run(data_dir, tmp_path, uninterrupted_run):
+    recipe, cache, a = uninterrupted_run
     b = train(recipe, data_dir, tmp_path / "b", cache_dir=cache, max_steps=3, progress=False)
     assert not b.completed and b.bundle is None
     with pytest.raises(Exception, match="already holds a training run"):
         train(recipe, data_dir, tmp_path / "b", cache_dir=cache, progress=False)
     b = train(recipe, data_dir, tmp_path / "b", resume=True, cache_dir=cache, progress=False)
     assert b.completed
-    for stage in ("coarse", "fine"):
-        sa, sb = stage_checkpoint(tmp_path / "a", stage), stage_checkpoint(tmp_path / "b", stage)
-        for role in sa["models"]:
-            assert_bitwise_equal(sa["models"][role], sb["models"][role])
+    assert_same_run(a.out_dir, tmp_path / "b")
     ba, bb = load_bundle(a.bundle), load_bundle(b.bundle)
     assert ba.sha256 == bb.sha256 and ba.trained
     assert ba.preprocessing["coarse_size_zyx"] == [32, 32, 32] and ba.preprocessing["window_zyx"] == [32, 16, 32]
+
+
+def test_pipeline_max_steps_with_resume_advances_across_stages(data_dir, tmp_path, uninterrupted_run):
+    """--max-steps N --resume repeated: N more steps each call (coarse, then fine), then the bundle."""
+    recipe, cache, a = uninterrupted_run
+    progress = []
+    for _ in range(3):
+        b = train(recipe, data_dir, tmp_path / "b", resume=True, cache_dir=cache, max_steps=3, progress=False)
+        progress.append((b.completed, b.steps_run, b.stopped_at))
+    assert progress == [(False, 3, "coarse step 3 of 4"), (False, 3, "fine step 2 of 4"), (True, 2, None)]
+    assert b.bundle == tmp_path / "b" / "model.safetensors"
+    assert_same_run(a.out_dir, tmp_path / "b")
+    with pytest.raises(ValueError, match="max_steps"):
+        train(recipe, data_dir, tmp_path / "c", cache_dir=cache, max_steps=0, progress=False)
+
+
+def test_train_command_max_steps_resume_exit_codes(data_dir, tmp_path, uninterrupted_run, capsys):
+    """The command: exit 3 ("stopped, resumable") until the run completes, then 0 and the bundle."""
+    import yaml
+
+    from AbdomenKDSegLib.training.cli import main
+
+    recipe, cache, a = uninterrupted_run
+    config = tmp_path / "tiny.yaml"
+    config.write_text(yaml.safe_dump(recipe.to_dict(), sort_keys=False))
+    argv = ["--config", str(config), "--data", str(data_dir), "--out", str(tmp_path / "run"), "--cache",
+            str(cache), "--max-steps", "2", "-q"]
+    codes, messages = [], []
+    for i in range(5):
+        codes.append(main(argv + (["--resume"] if i else [])))
+        messages.append(capsys.readouterr().err.strip())
+        if codes[-1] == 0:
+            break
+    # coarse 0-2, coarse 2-4 (the budget ends with the stage: stop before the fine one), fine 0-2, 2-4
+    assert codes == [3, 3, 3, 0]
+    assert messages[0] == ("stopped after 2 step(s) (--max-steps 2) at coarse step 2 of 4; run the same "
+                           "command with --resume to continue")
+    assert "the end of the coarse stage" in messages[1] and "fine step 2 of 4" in messages[2]
+    assert_same_run(a.out_dir, tmp_path / "run")
+
+
+def test_train_help_documents_max_steps_and_exit_codes(capsys):
+    import argparse
+
+    from AbdomenKDSegLib.training.cli import register_cli
+
+    parser = argparse.ArgumentParser(prog="abdomen-kdseg")
+    register_cli(parser.add_subparsers())
+    with pytest.raises(SystemExit):
+        parser.parse_args(["train", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "at most N optimiser steps in this invocation" in text
+    for line in ("0 done", "1 error", "2 usage error", "3 stopped early at --max-steps"):
+        assert line in text
+    with pytest.raises(SystemExit) as exit_info:
+        parser.parse_args(["train", "--data", "d", "--out", "o", "--max-steps", "0"])
+    assert exit_info.value.code == 2
 
 
 @pytest.mark.slow

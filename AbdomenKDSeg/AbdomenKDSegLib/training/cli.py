@@ -7,7 +7,7 @@ import sys
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
-from ..errors import InputError
+from ..errors import AbdomenKDSegError, InputError
 
 #: Recipe files shipped in the source tree (``Resources/recipes/<name>.yaml``).
 RECIPES_DIR = Path(__file__).resolve().parents[3] / "Resources" / "recipes"
@@ -45,8 +45,48 @@ def parse_overrides(items: List[str]) -> Dict[str, Any]:
     return out
 
 
+#: Exit code of ``train`` when it stopped at ``--max-steps`` before the run completed (resumable).
+EXIT_STOPPED = 3
+
+TRAIN_EPILOG = f"""\
+--max-steps N trains at most N optimiser steps in this invocation, counted
+across the stages (the coarse stage's remaining steps, then the fine stage's),
+writes the checkpoints and stops; the same command with --resume trains N more,
+until the run completes and the bundle is exported. A resumed run continues
+exactly where it stopped (the same weights as an uninterrupted run).
+
+exit codes:
+  0  done: the run completed and RUN_DIR/model.safetensors was written
+  1  error (bad data, recipe or checkpoint; the message says which)
+  2  usage error (unknown or invalid option)
+  {EXIT_STOPPED}  stopped early at --max-steps: nothing is wrong, continue with --resume
+"""
+
+
+class KeepLinesFormatter(argparse.HelpFormatter):
+    """Help formatter that wraps one-line texts (the description) and keeps texts with line breaks
+    (the epilog's exit code table) as written."""
+
+    def _fill_text(self, text: str, width: int, indent: str) -> str:
+        if "\n" in text:
+            return "".join(indent + line for line in text.splitlines(keepends=True))
+        return super()._fill_text(text, width, indent)
+
+
+def positive_int(value: str) -> int:
+    """argparse type: an integer >= 1."""
+    try:
+        number = int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {value!r}") from None
+    if number < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {number}")
+    return number
+
+
 def cmd_train(args: argparse.Namespace) -> int:
-    """Run ``train`` from parsed arguments; returns the exit code (0 done, 3 stopped at --max-steps)."""
+    """Run ``train`` from parsed arguments; returns the exit code (0 done, 3 stopped at --max-steps:
+    resumable with --resume)."""
     from .pipeline import train
     from .recipe import load_recipe
 
@@ -58,8 +98,9 @@ def cmd_train(args: argparse.Namespace) -> int:
     result = train(recipe, args.data, args.out, resume=args.resume, cache_dir=args.cache, device=args.device,
                    max_steps=args.max_steps, progress=not args.quiet)
     if not result.completed:
-        print(f"stopped at --max-steps {args.max_steps}; continue with --resume", file=sys.stderr)
-        return 3
+        print(f"stopped after {result.steps_run} step(s) (--max-steps {args.max_steps}) at "
+              f"{result.stopped_at}; run the same command with --resume to continue", file=sys.stderr)
+        return EXIT_STOPPED
     if not args.quiet:
         print(f"model bundle -> {result.bundle}")
     return 0
@@ -126,7 +167,8 @@ def register_cli(subparsers: argparse._SubParsersAction) -> argparse.ArgumentPar
         "train", help="train the coarse and fine students (KD from cross-teaching teachers) on a data folder",
         description="Train a recipe: coarse stage, coarse predictions of unlabeled cases, fine stage, "
                     "export of the student bundle (RUN_DIR/model.safetensors). Several GPUs: "
-                    "torchrun --nproc_per_node N -m AbdomenKDSegLib.training.cli ...")
+                    "torchrun --nproc_per_node N -m AbdomenKDSegLib.training.cli ...",
+        epilog=TRAIN_EPILOG, formatter_class=KeepLinesFormatter)
     add_arguments(p)
     p.set_defaults(func=cmd_train)
     return p
@@ -145,20 +187,22 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--cache", default=None, help="preprocessing cache folder (default RUN_DIR/cache)")
     p.add_argument("--set", action="append", metavar="KEY=VALUE",
                    help="override a recipe value, e.g. --set epochs=50 --set augment.scale_axis=labelled")
-    p.add_argument("--max-steps", type=int, default=None,
-                   help="stop each stage at this global step (resume later with --resume)")
+    p.add_argument("--max-steps", type=positive_int, default=None, metavar="N",
+                   help="train at most N optimiser steps in this invocation (coarse, then fine), then stop "
+                        f"with exit code {EXIT_STOPPED}; --resume continues with N more")
     p.add_argument("--threads", type=int, default=None, help="CPU threads for PyTorch")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bars or messages")
 
 
 def main(argv: Optional[List[str]] = None) -> int:
     """Stand-alone entry point (``python -m AbdomenKDSegLib.training.cli``, e.g. under torchrun)."""
-    parser = argparse.ArgumentParser(prog="abdomen-kdseg train")
+    parser = argparse.ArgumentParser(prog="abdomen-kdseg train", epilog=TRAIN_EPILOG,
+                                     formatter_class=KeepLinesFormatter)
     add_arguments(parser)
     args = parser.parse_args(argv)
     try:
         return cmd_train(args)
-    except InputError as exc:
+    except AbdomenKDSegError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
 

@@ -44,12 +44,18 @@ BUNDLE_NAME = "model.safetensors"
 
 @dataclass
 class TrainResult:
-    """What :func:`train` did. ``completed`` is False when it stopped at ``max_steps``."""
+    """What :func:`train` did. ``completed`` is False when it stopped at ``max_steps``.
+
+    ``steps_run``: optimiser steps trained by this call (both stages). ``stopped_at``: where an
+    early stop left the run, e.g. ``"coarse step 6 of 8"`` (None when completed).
+    """
 
     out_dir: Path
     completed: bool
     bundle: Optional[Path] = None
     stages: Dict[str, Dict[str, Any]] = field(default_factory=dict)
+    steps_run: int = 0
+    stopped_at: Optional[str] = None
 
 
 def preprocessing_settings(recipe: Recipe) -> Dict[str, Any]:
@@ -142,9 +148,15 @@ def train(config: Recipe | Dict[str, Any] | str | Path | None, data_dir: str | P
 
     ``config``: a :class:`Recipe`, a dict, a YAML path or None (the paper's defaults). ``data_dir``: the
     data folder (:mod:`.data`). ``out_dir``: the run folder. ``resume``: continue from the latest
-    checkpoints. ``max_steps``: stop a stage once its global step reaches this (for tests and time-boxed
-    runs; resume later). Several processes: launch with ``torchrun``; rank 0 prepares data and writes.
+    checkpoints. ``max_steps``: train at most this many optimiser steps in this call, counted across
+    the stages (the coarse stage's remaining steps first, then the fine stage's), then write the
+    checkpoint and return with ``completed`` False; calling again with ``resume=True`` (and the same
+    ``max_steps``) advances by as many steps again, until the run completes and the bundle is
+    exported (time-boxed runs, tests). Several processes: launch with ``torchrun``; rank 0 prepares
+    data and writes.
     """
+    if max_steps is not None and int(max_steps) < 1:
+        raise InputError(f"max_steps (--max-steps) must be at least 1, got {max_steps}")
     recipe = as_recipe(config)
     previous = torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled()
     try:
@@ -183,8 +195,15 @@ def _train(recipe: Recipe, data_dir: str | Path, out_dir: str | Path, resume: bo
     coarse_all = build_coarse_cache(labeled_files + unlabeled_files, cache, recipe)
     coarse_lab, coarse_unl = coarse_all[:len(labeled_files)], coarse_all[len(labeled_files):]
     coarse = StageTrainer("coarse", recipe, coarse_lab, coarse_unl, out / "coarse", dev, dist, progress, log)
-    if not _run_stage(coarse, resume, max_steps, result):
+    budget = None if max_steps is None else int(max_steps)  # steps this call may still train
+    if not _run_stage(coarse, resume, budget, result):
         return result
+    if budget is not None:
+        budget -= result.steps_run
+        if budget <= 0 and not _stage_completed(out / "fine"):
+            # the budget is spent: stop before the coarse predictions and the fine cache
+            result.stopped_at = "the end of the coarse stage (the fine stage has not started)"
+            return result
     coarse_net, coarse_cfg = coarse.export_network()
 
     # ---- coarse predictions of unlabeled cases, fine cache
@@ -206,7 +225,7 @@ def _train(recipe: Recipe, data_dir: str | Path, out_dir: str | Path, resume: bo
     # ---- fine stage
     del coarse
     fine = StageTrainer("fine", recipe, fine_lab, fine_unl, out / "fine", dev, dist, progress, log)
-    if not _run_stage(fine, resume, max_steps, result):
+    if not _run_stage(fine, resume, budget, result):
         return result
     fine_net, fine_cfg = fine.export_network()
 
@@ -235,11 +254,22 @@ def _train(recipe: Recipe, data_dir: str | Path, out_dir: str | Path, resume: bo
 
 
 def _run_stage(trainer: StageTrainer, resume: bool, max_steps: Optional[int], result: TrainResult) -> bool:
-    """Start (or resume) and run one stage, record its summary in ``result``; False if it stopped early."""
+    """Start (or resume) and run one stage for at most ``max_steps`` steps; record its summary and
+    the steps it trained in ``result``; False if it stopped early."""
     trainer.start(resume)
+    before = trainer.global_step
     finished = trainer.run(max_steps)
+    result.steps_run += trainer.global_step - before
     result.stages[trainer.stage] = stage_state_summary(trainer)
+    if not finished:
+        result.stopped_at = f"{trainer.stage} step {trainer.global_step} of {trainer.total_steps}"
     return finished
+
+
+def _stage_completed(folder: Path) -> bool:
+    """True if ``folder`` holds the checkpoint of a completed stage."""
+    path = folder / LATEST
+    return path.is_file() and bool(load_checkpoint(path).get("completed"))
 
 
 def stage_checkpoint(out_dir: str | Path, stage: str) -> Dict[str, Any]:

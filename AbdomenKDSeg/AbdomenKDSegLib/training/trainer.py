@@ -84,7 +84,8 @@ def _stage_seed(seed: int, stage: str, rank: int = 0) -> int:
 
 
 class StageTrainer:
-    """Trains one stage; ``run()`` returns True when all epochs are done (False if stopped early)."""
+    """Trains one stage; ``run()`` returns True when all epochs are done (False if stopped early:
+    ``run(max_steps=N)`` trains at most N more steps)."""
 
     def __init__(self, stage: str, recipe: Recipe, labeled: Sequence[CachedCase],
                  unlabeled: Sequence[CachedCase], folder: Path, device: torch.device,
@@ -267,17 +268,31 @@ class StageTrainer:
                    seconds: float) -> Dict:
         return {"epoch": epoch, "lr": lr, "steps": steps, "seconds": round(seconds, 3), **weights}
 
+    @property
+    def total_steps(self) -> int:
+        """Optimiser steps of the whole stage (epochs x steps per epoch)."""
+        return self.epochs * self.sampler.steps_per_epoch
+
     def run(self, max_steps: Optional[int] = None) -> bool:
-        """Train until the last epoch (True) or until ``global_step >= max_steps`` (False)."""
+        """Train until the last epoch (True), or stop after ``max_steps`` optimiser steps of this call.
+
+        ``max_steps`` counts the steps of this call, not the stage's global step: a stage resumed at
+        step 10 and run with ``max_steps=2`` stops at step 12 (False), after writing its checkpoint
+        so that a later ``start(resume=True)`` continues bit for bit. ``max_steps=0`` only writes
+        the checkpoint. An already completed stage returns True without training.
+        """
         if self.logger is None:
             self.start(resume=False)
         if self.completed:
             return True
+        if max_steps is not None and max_steps < 0:
+            raise ValueError(f"max_steps must be >= 0, got {max_steps}")
         from tqdm import tqdm
 
+        stop_at = None if max_steps is None else self.global_step + int(max_steps)
         every_steps = self.recipe.checkpoint_every_steps
         while self.sampler.epoch < self.epochs:
-            if max_steps is not None and self.global_step >= max_steps:
+            if stop_at is not None and self.global_step >= stop_at:
                 self.save()
                 return False
             epoch = self.sampler.epoch
@@ -302,7 +317,7 @@ class StageTrainer:
                 bar.set_postfix(kind=batch.kind[0], loss=f"{total:.4f}")
                 if every_steps and self.global_step % every_steps == 0:
                     self.save()
-                if max_steps is not None and self.global_step >= max_steps:
+                if stop_at is not None and self.global_step >= stop_at:
                     stopped = True
                     if self.sampler.step < self.sampler.steps_per_epoch:
                         bar.close()
