@@ -147,6 +147,83 @@ def test_float_label_maps_are_accepted(tmp_path):
         E.evaluate(pred, ref, progress=False)
 
 
+@pytest.mark.parametrize("role", ["reference", "prediction"])
+def test_a_ct_given_as_label_map_is_refused(tmp_path, role):
+    """HU values (int16 CT) or a float CT are not label maps: the error names the file and the values."""
+    arr = label_map()
+    ct = np.full(arr.shape, -1024, np.int16)
+    ct[2:8, 2:10, 2:12] = np.random.default_rng(0).integers(-100, 200, (6, 8, 10))
+    ct[0, 0, 0] = 1567
+    files = {"reference": write(tmp_path / "ref.nii.gz", arr), "prediction": write(tmp_path / "pred.nii.gz", arr)}
+    bad = write(files[role], ct)
+    with pytest.raises(InputError) as info:
+        E.evaluate(files["prediction"], files["reference"], progress=False)
+    message = str(info.value)
+    assert message.startswith(f"{role} {bad}: values -1024..1567 are outside the organ labels 0..13")
+    assert "is this a CT instead of a label map?" in message
+    write(bad, ct.astype(np.float32) + 0.25)
+    with pytest.raises(InputError, match=rf"{role} .*{bad.name} is not a label map: .*non-integer values"):
+        E.evaluate(files["prediction"], files["reference"], progress=False)
+
+
+def test_label_values_check_names_the_values():
+    path = "x.nii.gz"
+    arr = label_map()
+    assert E.check_label_values(arr, path) is arr
+    assert E.check_label_values(arr.astype(np.float64), path).dtype == np.uint8
+    other = arr.astype(np.int16)
+    other[0, 0, :2] = [14, 255]
+    with pytest.raises(InputError, match=r"label map x.nii.gz: values 14, 255 are outside the organ labels 0..13: "
+                                         r"is it labelled with another scheme"):
+        E.check_label_values(other, path)
+    other[0, 0, :2] = [-1, 0]
+    with pytest.raises(InputError, match=r"value -1 is outside .*CT instead"):
+        E.check_label_values(other, path)
+    with pytest.raises(InputError, match="NaN or infinite"):
+        E.check_label_values(np.full((2, 2, 2), np.nan, np.float32), path)
+
+
+def _cli(tmp_path, *argv):
+    parser = argparse.ArgumentParser()
+    E.register_cli(parser.add_subparsers(dest="command"))
+    args = parser.parse_args(["evaluate", *map(str, argv), "-q"])
+    return args.func(args)
+
+
+@pytest.mark.parametrize("case", ["missing folder", "folder", "parent is a file", "input file", "input in folder"])
+def test_cli_checks_the_output_before_computing(folders, tmp_path, monkeypatch, case):
+    pred, ref = folders
+
+    def no_scoring(*args, **kwargs):
+        raise AssertionError("nothing may be computed before the output is checked")
+
+    monkeypatch.setattr(E, "evaluate", no_scoring)
+    (tmp_path / "a-file").write_text("x")
+    inputs = (pred / "case_a_0000.nii.gz", ref / "case_a.nii.gz")
+    out, expected = {
+        "missing folder": (tmp_path / "missing" / "x.csv", r"the folder .*missing does not exist"),
+        "folder": (tmp_path, "is a folder; give a file name"),
+        "parent is a file": (tmp_path / "a-file" / "x.csv", "a-file is not a folder"),
+        "input file": (inputs[1], "is the input label map"),
+        "input in folder": (ref / "case_b.nii.gz", "is the input label map"),
+    }[case]
+    before = {p: p.read_bytes() for p in (*pred.iterdir(), *ref.iterdir())}
+    evaluated = inputs if case == "input file" else (pred, ref)
+    with pytest.raises(InputError, match=rf"^--out .*{expected}"):
+        _cli(tmp_path, *evaluated, "--out", out)
+    assert not (tmp_path / "missing").exists()
+    assert {p: p.read_bytes() for p in (*pred.iterdir(), *ref.iterdir())} == before
+
+
+def test_api_csv_writers_create_no_folders(folders, tmp_path):
+    result = E.evaluate(*folders, progress=False)
+    with pytest.raises(InputError, match="does not exist"):
+        E.write_scores_csv(result.scores, tmp_path / "missing" / "s.csv")
+    with pytest.raises(InputError, match="does not exist"):
+        E.write_summary_csv(result.summary, tmp_path / "missing" / "s.csv")
+    assert not (tmp_path / "missing").exists()
+
+
 def test_parallel_workers_give_the_same_scores(folders):
     pred, ref = folders
     serial = E.evaluate(pred, ref, progress=False)
@@ -159,6 +236,7 @@ def test_cli_writes_csvs_and_prints_the_table(folders, tmp_path, capsys):
     parser = argparse.ArgumentParser()
     E.register_cli(parser.add_subparsers(dest="command"))
     out = tmp_path / "res" / "scores.csv"
+    out.parent.mkdir()
     args = parser.parse_args(["evaluate", str(pred), str(ref), "--out", str(out), "-q"])
     assert args.func(args) == 0
     printed = capsys.readouterr().out

@@ -7,7 +7,11 @@ folder defines the cases. A reference case without prediction is an error naming
 unless ``missing_as_zero`` is set, in which case it scores 0 (DSC and NSD) for every organ, the
 challenge convention for a failed case. Predictions without reference are ignored with a warning.
 A prediction whose size, spacing, origin or direction differs from its reference is an error naming
-the case. Scores follow :mod:`AbdomenKDSegLib.metrics` (spacing from the reference header).
+the case. A label map (prediction or reference) must hold whole numbers 0..13: a non-integer image
+(a CT in float HU, a probability map) or values outside the organ labels (a CT's HU values) is an
+error naming the file and the values. Scores follow :mod:`AbdomenKDSegLib.metrics` (spacing from the
+reference header). Output CSVs are checked before anything is read: their folder must exist (none is
+created), and they must not be folders or input label maps.
 
 Summary: per organ, mean and population standard deviation (ddof=0) over cases, ignoring NaN (only the
 single-slice tubular case of the official rules gives NaN) with ``n`` the number of cases counted; the
@@ -20,6 +24,7 @@ from __future__ import annotations
 import argparse
 import csv
 import math
+import os
 import sys
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
@@ -152,15 +157,53 @@ def read_label_map(path: Path) -> sitk.Image:
     return image
 
 
-def _label_array(image: sitk.Image, path: Path) -> np.ndarray:
-    """(Z, Y, X) integer array of a label image (a view while ``image`` lives; floats must be whole)."""
-    array = sitk.GetArrayViewFromImage(image)
-    if not np.issubdtype(array.dtype, np.integer):
-        rounded = np.rint(array)
-        if not np.array_equal(rounded, array):
-            raise InputError(f"{path}: label map has non-integer values")
-        array = rounded.astype(np.int32)
-    return array
+#: The label values a FLARE22 label map may hold (0 background, 1..13 the organs).
+MAX_LABEL = max(organ.value for organ in ORGANS)
+_LISTED_VALUES = 5  # at most this many distinct bad values are listed one by one
+
+
+def _values_text(values: np.ndarray) -> str:
+    """``"value 14"``, ``"values 14, 255"`` for a few distinct values, ``"values -1024..1567"`` for many."""
+    values = values.astype(np.int64) if np.issubdtype(values.dtype, np.floating) else values  # whole numbers
+    lo, hi = int(values.min()), int(values.max())
+    if values.size <= 1_000_000 or hi - lo < 1000:
+        distinct = np.unique(values)
+        if distinct.size <= _LISTED_VALUES:
+            shown = ", ".join(str(v) for v in distinct.tolist())
+            return f"value{'s' if distinct.size > 1 else ''} {shown}"
+    return f"values {lo}..{hi}"
+
+
+def check_label_values(array: np.ndarray, path: Path, what: str = "label map") -> np.ndarray:
+    """``array`` if it holds only whole numbers 0..13 (a float or boolean array converted to uint8);
+    else InputError naming the file and the offending values (e.g. a CT given instead of a label map)."""
+    if array.dtype == np.bool_:
+        return array.astype(np.uint8)
+    floating = not np.issubdtype(array.dtype, np.integer)
+    if floating:
+        if not np.isfinite(array).all():
+            raise InputError(f"{what} {path} is not a label map: it holds NaN or infinite values "
+                             f"(a label map holds the organ labels 0..{MAX_LABEL})")
+        fractional = array[np.rint(array) != array]
+        if fractional.size:
+            raise InputError(f"{what} {path} is not a label map: its voxels hold non-integer values "
+                             f"(e.g. {float(fractional.flat[0]):g}; a label map holds the organ labels "
+                             f"0..{MAX_LABEL}): is this a CT or a probability map instead of a label map?")
+    if array.min() < 0 or array.max() > MAX_LABEL:
+        bad = array[(array < 0) | (array > MAX_LABEL)]
+        looks_like_ct = bad.min() < 0 or bad.max() > 255
+        hint = ("is this a CT instead of a label map?" if looks_like_ct else
+                f"is it labelled with another scheme? (this tool scores the FLARE22 labels 1..{MAX_LABEL})")
+        values = _values_text(bad)
+        verb = "are" if values.startswith("values") else "is"
+        raise InputError(f"{what} {path}: {values} {verb} outside the organ labels 0..{MAX_LABEL}: {hint}")
+    return array.astype(np.uint8) if floating else array
+
+
+def _label_array(image: sitk.Image, path: Path, what: str = "label map") -> np.ndarray:
+    """(Z, Y, X) integer array of a label image (a view while ``image`` lives), checked by
+    :func:`check_label_values`."""
+    return check_label_values(sitk.GetArrayViewFromImage(image), path, what)
 
 
 def _rounded(values: Sequence[float]) -> tuple[float, ...]:
@@ -195,7 +238,9 @@ def evaluate_case(pair: CasePair, organs: Sequence[Organ] = ORGANS) -> list[Case
     pred = read_label_map(pair.pred)
     check_geometry(ref, pred, pair.case)
     spacing_zyx = ref.GetSpacing()[::-1]
-    scores = score_label_maps(_label_array(ref, pair.ref), _label_array(pred, pair.pred), spacing_zyx, organs)
+    ref_labels = _label_array(ref, pair.ref, "reference")
+    pred_labels = _label_array(pred, pair.pred, "prediction")
+    scores = score_label_maps(ref_labels, pred_labels, spacing_zyx, organs)
     return [CaseScore(pair.case, s.organ, s.dsc, s.nsd) for s in scores]
 
 
@@ -286,10 +331,51 @@ def format_summary(summary: Sequence[OrganSummary]) -> str:
     return "\n".join(lines)
 
 
-def write_scores_csv(scores: Sequence[CaseScore], path: Path) -> None:
-    """CSV with columns case, organ (key), value (label), dsc, nsd; one row per case and organ."""
+def _input_files(path: Path) -> list[Path]:
+    """The label files an evaluation reads: ``path`` itself, or the label files of a folder."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    if path.is_dir():
+        return [p for p in path.iterdir() if _is_label_file(p)]
+    return [path] if path.exists() else []
+
+
+def _same_file(a: Path, b: Path) -> bool:
+    try:
+        return os.path.samefile(a, b)
+    except OSError:
+        return a.resolve() == b.resolve()
+
+
+def check_output_file(path: Path, inputs: Sequence[Path] = (), option: str = "output file") -> Path:
+    """Raise InputError unless ``path`` can be written as a new or replaced file: its folder exists
+    (no folder is created), it is not a folder, it is writable, and it is none of the label files read
+    from ``inputs`` (files or folders). Returns ``path``. Cheap: run it before computing anything."""
+    path = Path(path)
+    if path.is_dir():
+        raise InputError(f"{option} {path} is a folder; give a file name, e.g. {path / 'scores.csv'}")
+    parent = path.parent
+    if not parent.exists():
+        raise InputError(f"{option} {path}: the folder {parent} does not exist (evaluate creates no folders: "
+                         "check the path, or create the folder first)")
+    if not parent.is_dir():
+        raise InputError(f"{option} {path}: {parent} is not a folder")
+    if not os.access(parent, os.W_OK | os.X_OK) or (path.exists() and not os.access(path, os.W_OK)):
+        raise InputError(f"{option} {path}: no permission to write there")
+    if path.exists() and not path.is_file():
+        raise InputError(f"{option} {path} exists and is not a regular file")
+    for source in inputs:
+        for label_file in _input_files(Path(source)):
+            if _same_file(path, label_file):
+                raise InputError(f"{option} {path} is the input label map {label_file}: writing the scores "
+                                 "there would destroy it; give another file name")
+    return path
+
+
+def write_scores_csv(scores: Sequence[CaseScore], path: Path) -> None:
+    """CSV with columns case, organ (key), value (label), dsc, nsd; one row per case and organ.
+
+    The folder of ``path`` must exist (InputError otherwise; no folder is created)."""
+    path = check_output_file(Path(path))
     with open(path, "w", newline="") as f:
         writer = csv.writer(f)
         writer.writerow(["case", "organ", "value", "dsc", "nsd"])
@@ -304,9 +390,10 @@ def summary_csv_path(scores_csv: Path) -> Path:
 
 
 def write_summary_csv(summary: Sequence[OrganSummary], path: Path) -> None:
-    """CSV with columns organ, value, n, dsc_mean, dsc_std, nsd_mean, nsd_std; last row organ 'mean'."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    """CSV with columns organ, value, n, dsc_mean, dsc_std, nsd_mean, nsd_std; last row organ 'mean'.
+
+    The folder of ``path`` must exist (InputError otherwise; no folder is created)."""
+    path = check_output_file(Path(path))
     with open(path, "w", newline="") as f:
         writer = csv.writer(f)
         writer.writerow(["organ", "value", "n", "dsc_mean", "dsc_std", "nsd_mean", "nsd_std"])
@@ -323,8 +410,14 @@ def write_summary_csv(summary: Sequence[OrganSummary], path: Path) -> None:
 def run_evaluate(args: argparse.Namespace) -> int:
     """``evaluate`` subcommand: print the summary table, write CSVs with ``--out``; returns 0.
 
-    Bad input raises :class:`InputError` (``cli.main`` prints it and exits 1).
+    Bad input raises :class:`InputError` (``cli.main`` prints it and exits 1): the output files
+    (``--out`` and its ``_summary.csv``) are checked first, before any label map is read (their folder
+    must exist, they must not be folders or input files); then every label map must hold whole
+    numbers 0..13 (:func:`check_label_values`: a CT given as a label map is refused).
     """
+    if args.out:
+        for path in (Path(args.out), summary_csv_path(Path(args.out))):
+            check_output_file(path, (Path(args.pred), Path(args.ref)), option="--out")
     result = evaluate(Path(args.pred), Path(args.ref), workers=args.workers,
                       missing_as_zero=args.missing_as_zero, progress=not args.quiet)
     print(format_summary(result.summary))
@@ -344,13 +437,15 @@ def register_cli(subparsers: argparse._SubParsersAction) -> argparse.ArgumentPar
         help="FLARE22 DSC and NSD of predicted label maps against reference label maps",
         description="Score a predicted label map (or a folder of them) against the reference label map "
                     "(or folder) with the FLARE22 protocol: per-organ Dice and normalized surface Dice. "
-                    "Folders are matched by file name; <case>_0000 matches <case>.",
+                    "Folders are matched by file name; <case>_0000 matches <case>. Label maps must hold "
+                    "the organ labels 0..13 (whole numbers): a CT or a probability map is refused. "
+                    "Exit codes: 0 done, 1 bad input (the message names the file), 2 usage error.",
     )
     parser.add_argument("pred", metavar="PRED", help="predicted label map file or folder")
     parser.add_argument("ref", metavar="REF", help="reference label map file or folder")
     parser.add_argument("--out", metavar="CSV",
                         help="write per-case scores here (columns case, organ, value, dsc, nsd) "
-                             "and the summary to <CSV stem>_summary.csv")
+                             "and the summary to <CSV stem>_summary.csv; the folder must exist")
     parser.add_argument("--workers", type=int, default=1, metavar="N",
                         help="cases scored in parallel processes (default 1)")
     parser.add_argument("--missing-as-zero", action="store_true",
