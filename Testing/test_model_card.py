@@ -132,3 +132,104 @@ def test_model_card_module_needs_neither_torch_nor_safetensors(tmp_path):
 @pytest.mark.parametrize("text, expected", [("CPU Demonstration model", True), ("clinical model", False)])
 def test_demonstration_flag(text, expected):
     assert model_card.is_demonstration({"description": text}) is expected
+
+
+# ------------------------------------------------------------------ model-info and the shipped card (issue 14)
+def _model_info(capsys, *args):
+    from AbdomenKDSegLib.cli import main
+
+    code = main(["model-info", *args])
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+def test_model_info_prints_a_short_summary_of_the_shipped_model(capsys):
+    code, out, _ = _model_info(capsys)
+    assert code == 0
+    lines = out.strip().splitlines()
+    assert 8 <= len(lines) <= 16 and max(map(len, lines)) <= 120
+    text = " ".join(out.split())
+    assert str(default_bundle_path()) in out
+    assert "format 2" in text and "checksum verified (weights and model card)" in text
+    assert "recipe cpu_synthetic" in text and "FSL" in text and "no unlabeled data" in text
+    assert "69 labeled CT, no unlabeled CT" in text and "FLARE22_Tr_0041..0050" in text  # held out
+    assert "0.87 ct-abdomen-contrast-ircadb01" in text and "0.42 ct-abdomen-slab-amos0001" in text
+    assert "[-300, 300] HU" in text and "float16" in text and "13: liver" in text
+    assert "not for clinical use" in text and "--json" in lines[-1]
+
+
+def test_model_info_json_is_the_whole_card(capsys):
+    code, out, _ = _model_info(capsys, "--json")
+    assert code == 0
+    assert json.loads(out) == read_bundle_metadata(default_bundle_path())[1]
+
+
+def test_model_info_refuses_a_modified_card(tmp_path, capsys):
+    path = make_tiny_bundle(tmp_path / "m.safetensors", trained=True, metadata=NEW_CARD)
+    data = path.read_bytes()
+    path.write_bytes(data.replace(b"[-300.0, 300.0]", b"[-900.0, 900.0]", 1))  # same length: header still valid
+    assert data != path.read_bytes()
+    for args in ([str(path)], [str(path), "--json"]):
+        code, out, err = _model_info(capsys, *args)
+        assert code == 1 and out == "" and "failed its checksum" in err and "model card" in err
+
+
+def test_summary_is_a_pure_function_of_the_card(tmp_path):
+    card = {**read_bundle_metadata(make_tiny_bundle(tmp_path / "t.safetensors", trained=True,
+                                                   metadata=NEW_CARD))[1],
+            "method": {"text": "recipe x: FSL, the student alone"}}
+    lines = model_card.summary_lines(card)
+    text = "\n".join(lines)
+    assert lines[0].startswith("what") and "recipe x: FSL" in lines[0]
+    assert "0.61 ct-abdomen-contrast-ircadb01 (4 organs), 0.45 ct-abdomen-slab-amos0001" in text
+    assert "23 labeled CT, no unlabeled CT" in text and "0.91" not in text
+    assert "format" not in text  # no file facts given, none invented
+    untrained = model_card.summary_lines({"trained": False, "recipe": {"variant": "fsl"}})
+    assert "UNTRAINED" in untrained[0] and not any(line.startswith("accuracy") for line in untrained)
+    assert "variant fsl" in model_card.summary_lines({"recipe": {"variant": "fsl"}})[0]
+
+
+def _card_tool(monkeypatch):
+    monkeypatch.syspath_prepend(str(REPO / "benchmarks"))
+    import default_model_card
+
+    return default_model_card
+
+
+def test_shipped_card_states_the_fsl_recipe_and_no_unlabeled_data():
+    _, card = read_bundle_metadata(default_bundle_path())
+    assert "paper's method" not in json.dumps(card)
+    assert card["method"]["recipe"] == "cpu_synthetic"
+    assert card["method"]["variant"] == card["recipe"]["variant"] == "fsl"
+    assert card["method"]["teachers"] == 0 and card["method"]["unlabeled_data"] is False
+    assert "FSL" in card["description"] and "no unlabeled data" in card["description"]
+    data = card["data"]
+    assert data["unlabeled"] == 0 and "unlabeled_cases" not in data
+    assert data["labeled"] == len(data["labeled_cases"]) == 69
+    assert data["generator"]["heldout_targets"] == [f"FLARE22_Tr_{i:04d}" for i in range(41, 51)]
+    assert not set(data["labeled_cases"]) & {f"{t}_v{v}" for t in data["generator"]["heldout_targets"] for v in (0, 1)}
+
+
+def test_shipped_card_text_is_derived_from_the_recipe(monkeypatch):
+    """The card's description, method and data are what benchmarks/default_model_card.py derives
+    from the recipe file, the generator's report and the measured figures (nothing hand-written)."""
+    tool = _card_tool(monkeypatch)
+    _, card = read_bundle_metadata(default_bundle_path())
+    recipe = tool.run_recipe("cpu_synthetic", card["recipe"])
+    derived = tool.card_text(card, "cpu_synthetic", recipe, json.loads(tool.GENERATOR_REPORT.read_text()))
+    assert {key: card[key] for key in derived} == json.loads(json.dumps(derived))
+    results = json.loads((REPO / "benchmarks" / "results" / "default_model.json").read_text())
+    assert results["description"] == card["description"] and results["validation"] == card["metrics"]["validation"]
+    with pytest.raises(SystemExit, match="not the recipe of this run"):
+        tool.run_recipe("cpu_default", card["recipe"])
+
+
+def test_card_method_follows_the_recipe_variant(monkeypatch):
+    tool = _card_tool(monkeypatch)
+    from AbdomenKDSegLib.training.recipe import load_recipe
+
+    proposed = tool.method_card("proposed", load_recipe(tool.RECIPES / "proposed.yaml"))
+    assert proposed["teachers"] == 2 and proposed["unlabeled_data"] is True
+    assert "proposed method" in proposed["text"] and "labeled and unlabeled data" in proposed["text"]
+    fsl = tool.method_card("cpu_synthetic", load_recipe(tool.RECIPES / "cpu_synthetic.yaml"))
+    assert fsl["text"].startswith("recipe cpu_synthetic: FSL") and "7+13 epochs, Adam" in fsl["text"]

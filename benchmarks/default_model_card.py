@@ -1,16 +1,25 @@
 """Finish a trained run into the shipped default model: measure it, write its model card, install it.
 
     python benchmarks/default_model_card.py RUN_DIR --data GENERATED_DIR [--recipe NAME] [--install]
+    python benchmarks/default_model_card.py --rewrite-card [BUNDLE] [--recipe NAME] [--report REPORT]
 
 Measures RUN_DIR/model.safetensors on real CT it never saw (the two validation cases of
 ../shared/data, see validate_model.py) and on the generated held-out split (GENERATED_DIR/heldout),
 and its fit on the unwarped training CT (../shared/data/ct-abdomen-3mm, a *training* case: fitting,
-not accuracy). The card's description, data and method lines are derived from the run's recipe and
-the generator's report (GENERATED_DIR/report.json), not written by hand. With ``--install`` the bundle
-is written (float16 storage) to AbdomenKDSeg/Resources/Models/abdomen-kdseg-default.safetensors.
-Prints a table and writes benchmarks/results/default_model.json (``--out``) and, beside it,
-default_model_validation.json (every validation and held-out case, from validate_model.py). The
-figures are measured on the float16-stored weights that are shipped.
+not accuracy). The card's description, method and data text are derived (:func:`card_text`) from
+the run's recipe (Resources/recipes/NAME.yaml, checked to be the recipe recorded in the run's card:
+its ``variant`` field and its own settings), the generator's report (GENERATED_DIR/report.json) and
+the measured figures, not written by hand. With ``--install`` the bundle is written (float16
+storage) to AbdomenKDSeg/Resources/Models/abdomen-kdseg-default.safetensors. Prints a table and
+writes benchmarks/results/default_model.json (``--out``) and, beside it, default_model_validation.json
+(every validation and held-out case, from validate_model.py). The figures are measured on the
+float16-stored weights that are shipped.
+
+``--rewrite-card`` re-derives the text of an existing bundle's card (default: the shipped one)
+without retraining or re-measuring: same tensors (bit for bit), same measured figures, the text
+rebuilt by :func:`card_text` from the card, the recipe file and the generator's report
+(benchmarks/results/generated_training_set_report.json, the committed copy of the run's), written
+in the current bundle format; the text fields of ``--out`` are updated to match.
 """
 
 from __future__ import annotations
@@ -27,14 +36,36 @@ import SimpleITK as sitk
 import torch
 from validate_model import print_report, validate
 
-from AbdomenKDSegLib.bundle import default_bundle_path, load_bundle, save_bundle
+from AbdomenKDSegLib.bundle import (
+    FORMAT_VERSION,
+    default_bundle_path,
+    load_bundle,
+    read_bundle_metadata,
+    save_bundle,
+    upgrade_bundle,
+    verify_bundle,
+    write_bundle,
+)
+from AbdomenKDSegLib.errors import BundleError
 from AbdomenKDSegLib.inference import segment_file
 from AbdomenKDSegLib.metrics import score_images
 from AbdomenKDSegLib.networks import NetworkConfig
-from AbdomenKDSegLib.training.recipe import VARIANTS
+from AbdomenKDSegLib.training.recipe import Recipe, Variant, load_recipe
 
 REPO = Path(__file__).resolve().parents[1]
 DATA = REPO.parent / "shared" / "data" / "ct-abdomen-3mm"
+RECIPES = REPO / "Resources" / "recipes"
+#: The generator's report of the shipped model's training set (a copy of GENERATED_DIR/report.json).
+GENERATOR_REPORT = REPO / "benchmarks" / "results" / "generated_training_set_report.json"
+#: What the real source CT of the generator is (../shared/data/README.md).
+SOURCE_NOTES = {
+    "ct-abdomen-3mm": "TotalSegmentator test CT, 3 mm, non-contrast, labels made by TotalSegmentator",
+}
+#: Short names of the validation cases (../shared/data/README.md); others are shown by their folder name.
+CASE_NAMES = {
+    "ct-abdomen-contrast-ircadb01": "IRCAD 3D-IRCADb-01 #1",
+    "ct-abdomen-slab-amos0001": "AMOS 0001 slab",
+}
 
 
 def training_seconds(run: Path) -> dict[str, float]:
@@ -46,39 +77,173 @@ def training_seconds(run: Path) -> dict[str, float]:
     return out
 
 
-def data_card(data_dir: Path, metadata: dict) -> dict:
-    """What the model was trained on, from the generator's report and the run's case list."""
-    report = json.loads((data_dir / "report.json").read_text())
-    labeled = metadata.get("data", {}).get("labeled_cases", [])
+def run_recipe(name: str, card_recipe: dict, recipes: Path = RECIPES) -> Recipe:
+    """The recipe file ``recipes/<name>.yaml``, checked to be the recipe the run recorded in its card."""
+    recipe = load_recipe(recipes / f"{name}.yaml")
+    recorded = Recipe.from_dict(card_recipe).to_dict()
+    differing = sorted(k for k in set(recorded) | set(recipe.to_dict()) if recorded.get(k) != recipe.to_dict().get(k))
+    if differing:
+        raise SystemExit(f"recipe {name} is not the recipe of this run: {', '.join(differing)} differ "
+                         "(give the right one with --recipe)")
+    return recipe
+
+
+def _variant_label(variant: Variant) -> str:
+    """The variant's place in the paper: its proposed method, its fully supervised baseline, an ablation."""
+    if variant.name == "proposed":
+        return "the paper's proposed method"
+    kind = "fully supervised baseline" if variant.name == "fsl" else "ablation"
+    return f"{variant.name.upper()}, the paper's {kind} (Table 3), not its proposed method"
+
+
+def _networks(variant: Variant) -> str:
+    if not variant.student:
+        return f"{variant.n_teachers} cross-teaching students, no teacher"
+    if variant.n_teachers == 0:
+        return "student alone, no teachers"
+    return f"student and {variant.n_teachers} teacher{'s' if variant.n_teachers > 1 else ''}"
+
+
+def method_card(recipe_name: str, recipe: Recipe) -> dict:
+    """How the model was trained, from the recipe alone: its ``variant`` (per stage) and its settings."""
+    variants = {stage: recipe.stage_variant(stage) for stage in ("coarse", "fine")}
+    fine = variants["fine"]
+    uses_unlabeled = any(v.unlabeled for v in variants.values())
+    details = [_networks(fine), "labeled and unlabeled data" if uses_unlabeled else "no unlabeled data"]
+    if fine.kd or fine.psv or fine.cross_teaching:  # the losses are worth naming
+        details.insert(0, fine.description)
+    parts = [f"{_variant_label(fine)}: {', '.join(details)}"]
+    if variants["coarse"].name != fine.name:
+        parts.append(f"coarse stage {variants['coarse'].name} ({variants['coarse'].description})")
+    epochs = {stage: recipe.stage_epochs(stage) for stage in ("coarse", "fine")}
+    optimizer = {"adam": "Adam", "sgd": "SGD"}.get(recipe.optimizer, recipe.optimizer)
+    parts.append(f"{epochs['coarse']}+{epochs['fine']} epochs, {optimizer} lr {recipe.lr:g}, "
+                 f"{'x'.join(map(str, recipe.patch_size))} patches")
+    return {
+        "recipe": recipe_name,
+        "variant": fine.name,
+        "coarse_variant": variants["coarse"].name,
+        "teachers": fine.n_teachers,
+        "unlabeled_data": uses_unlabeled,
+        "epochs": epochs,
+        "text": f"recipe {recipe_name}: " + "; ".join(parts),
+    }
+
+
+def _span(names: list) -> str:
+    return f"{names[0]}..{names[-1]}" if len(names) > 1 else ", ".join(names)
+
+
+def data_card(report: dict, data: dict, uses_unlabeled: bool) -> dict:
+    """What the model was trained on: the run's case lists (``data`` of its card) and the generator's
+    ``report``. Unlabeled cases are listed only if the recipe used them."""
+    labeled = list(data.get("labeled_cases", []))
+    generated = {case["case"] for case in report["cases"] if case["split"] == "train"}
     train_targets = sorted(name for name, fit in report["fits"].items() if fit["split"] == "train")
     heldout = sorted(name for name, fit in report["fits"].items() if fit["split"] == "heldout")
+    n_generated = sum(1 for name in labeled if name in generated)
+    real = [name for name in labeled if name not in generated]
+    source = Path(report["source_image"]).parent.name
     phases: dict = {}
     fovs: dict = {}
     for case in report["cases"]:
         if case["split"] == "train":
             phases[case["appearance"]["phase"]] = phases.get(case["appearance"]["phase"], 0) + 1
             fovs[case["render"]["fov"]] = fovs.get(case["render"]["fov"], 0) + 1
-    return {
-        **metadata.get("data", {}),
-        "description": (f"{len(labeled)} labeled CT, no unlabeled CT: {len(labeled) - 1} generated by "
-                        f"`abdomen-kdseg make-training-set` (seed {report['seed']}) from ONE real labeled CT "
-                        "(ct-abdomen-3mm: TotalSegmentator test CT, 3 mm, non-contrast, labels made by "
-                        f"TotalSegmentator) deformed onto {len(train_targets)} hand-drawn FLARE22 label maps "
-                        f"({train_targets[0]}..{train_targets[-1]}) with random contrast phase, texture, noise, "
-                        "blur, spacing and field of view, plus that CT itself"),
-        "generator": {"fit_dice_mean": report["fit_dice_mean"], "phases": phases, "fields_of_view": fovs,
+    unlabeled = list(data.get("unlabeled_cases", [])) if uses_unlabeled else []
+    unlabeled_text = (f"{len(unlabeled)} unlabeled CT" if unlabeled else "no unlabeled CT")
+    note = SOURCE_NOTES.get(source)
+    text = (f"{len(labeled)} labeled CT, {unlabeled_text}: {n_generated} generated by "
+            f"`abdomen-kdseg make-training-set` (seed {report['seed']}) from ONE real labeled CT "
+            f"({source}{': ' + note if note else ''}) deformed onto {len(train_targets)} hand-drawn FLARE22 "
+            f"label maps ({_span(train_targets)}), {report['variants']} renderings each with random contrast "
+            "phase, texture, noise, blur, spacing and field of view")
+    if source in real:
+        text += ", plus that CT itself"
+    others = [name for name in real if name != source]
+    if others:
+        text += f", plus {len(others)} other labeled CT ({', '.join(others)})"
+    if heldout:
+        text += f"; label maps {_span(heldout)} held out (not trained on)"
+    out = {key: value for key, value in data.items() if key not in ("unlabeled", "unlabeled_cases")}
+    out.update({
+        "description": text,
+        "labeled": len(labeled),
+        "unlabeled": len(unlabeled),
+        "generator": {"seed": report["seed"], "variants_per_label_map": report["variants"],
+                      "source": source, "train_targets": train_targets,
+                      "fit_dice_mean": report["fit_dice_mean"], "phases": phases, "fields_of_view": fovs,
                       "heldout_targets": heldout},
-    }
+    })
+    if unlabeled:
+        out["unlabeled_cases"] = unlabeled
+    return out
+
+
+def card_text(card: dict, recipe_name: str, recipe: Recipe, report: dict) -> dict:
+    """The text fields of a model card (``description``, ``method``, ``data``), derived from the recipe,
+    the generator's report and the figures already measured in ``card["metrics"]`` (none invented)."""
+    method = method_card(recipe_name, recipe)
+    data = data_card(report, card.get("data", {}), method["unlabeled_data"])
+    on_cpu = "no GPU" in str(card.get("training", {}).get("hardware", ""))
+    validation = (card.get("metrics") or {}).get("validation") or {}
+    measured = ", ".join(f"{res['mean_dsc']:.2f} ({CASE_NAMES.get(case, case)}, {len(res['organs_scored'])} organs)"
+                         for case, res in validation.items())
+    description = (f"{'CPU demonstration' if on_cpu else 'Demonstration'} model, {method['text']}; trained on "
+                   f"{data['labeled']} labeled CT generated from one real CT"
+                   f"{' and ' + str(data['unlabeled']) + ' unlabeled CT' if data['unlabeled'] else ''}; "
+                   + (f"measured on unseen real CT: mean DSC {measured}" if measured
+                      else "accuracy on unseen CT: not measured") + ". Not for clinical use.")
+    return {"description": description, "method": method, "data": data, "demonstration": True}
+
+
+def _text_fields(card: dict) -> dict:
+    return {"data": card["data"], "method": card["method"], "description": card["description"]}
+
+
+def rewrite_card(bundle_path: Path, recipe_name: str, report_path: Path, out_json: Path | None) -> Path:
+    """Re-derive the text of an existing bundle's card; same tensors and figures, current format."""
+    with tempfile.TemporaryDirectory() as tmp:
+        try:
+            read_bundle_metadata(bundle_path)
+            source = bundle_path
+        except BundleError:  # an older format: convert a copy first (verifies its old checksum)
+            source = upgrade_bundle(bundle_path, Path(tmp) / "upgraded.safetensors")
+        _, card, tensors = verify_bundle(source)
+        report = json.loads(report_path.read_text())
+        if report["fit_dice_mean"] != card.get("data", {}).get("generator", {}).get("fit_dice_mean"):
+            raise SystemExit(f"{report_path} is not the generator report of this model's training set")
+        recipe = run_recipe(recipe_name, card.get("recipe", {}))
+        card.update(card_text(card, recipe_name, recipe, report))
+        target = write_bundle(bundle_path, tensors, card)
+    print(f"rewrote the card of {target} (format {FORMAT_VERSION}): {card['description']}")
+    if out_json is not None and out_json.is_file():
+        results = json.loads(out_json.read_text())
+        results.update(_text_fields(card))
+        out_json.write_text(json.dumps(results, indent=2))
+        print(f"updated the text fields of {out_json}")
+    return target
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("run", type=Path)
-    parser.add_argument("--data", type=Path, required=True, help="the generated data folder the run used")
+    parser.add_argument("run", type=Path, nargs="?", help="the training run folder (RUN_DIR/model.safetensors)")
+    parser.add_argument("--data", type=Path, help="the generated data folder the run used")
     parser.add_argument("--install", action="store_true")
-    parser.add_argument("--recipe", default="cpu_synthetic", help="name of the recipe the run used (for the card)")
+    parser.add_argument("--recipe", default="cpu_synthetic",
+                        help="name of the recipe the run used (Resources/recipes/NAME.yaml; checked against the card)")
     parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" / "default_model.json")
+    parser.add_argument("--rewrite-card", type=Path, nargs="?", const=default_bundle_path(), default=None,
+                        metavar="BUNDLE", help="re-derive the card text of BUNDLE (default: the shipped model) "
+                                               "without retraining or measuring")
+    parser.add_argument("--report", type=Path, default=GENERATOR_REPORT,
+                        help="with --rewrite-card: the generator's report of the training set")
     args = parser.parse_args()
+    if args.rewrite_card is not None:
+        rewrite_card(args.rewrite_card, args.recipe, args.report, args.out)
+        return 0
+    if args.run is None or args.data is None:
+        parser.error("RUN_DIR and --data are required (or --rewrite-card)")
     run_bundle = load_bundle(args.run / "model.safetensors")
     arch = run_bundle.metadata["architecture"]
     configs = NetworkConfig.from_dict(arch["coarse"]), NetworkConfig.from_dict(arch["fine"])
@@ -97,12 +262,10 @@ def main() -> int:
     present = [s for s in scores if s.organ.value != 10]  # esophagus is absent from the reference labels
     mean_dsc = sum(float(s.dsc) for s in present) / len(present)
     card = dict(run_bundle.metadata)
-    recipe = card.get("recipe", {})
-    variant = VARIANTS[recipe.get("variant", "fsl")]
+    recipe = run_recipe(args.recipe, card.get("recipe", {}))
     card["training"] = {**card.get("training", {}), "seconds_per_stage": training_seconds(args.run),
                         "hardware": f"{platform.processor() or platform.machine()}, "
                                     f"{torch.get_num_threads()} CPU threads, no GPU"}
-    card["data"] = data_card(args.data, card)
     card["metrics"] = {
         "validation": {case: {k: res[k] for k in ("organs_scored", "per_organ", "mean_dsc", "mean_nsd",
                                                    "empty_organs")}
@@ -111,17 +274,10 @@ def main() -> int:
         "training_case": {"case": "ct-abdomen-3mm (a training case: measures fitting only)",
                           "per_organ": per_organ, "mean_dsc_12_present_organs": round(mean_dsc, 4)},
     }
-    ircad = validation["validation"]["ct-abdomen-contrast-ircadb01"]
-    amos = validation["validation"]["ct-abdomen-slab-amos0001"]
-    card["description"] = (
-        f"CPU demonstration model, recipe {args.recipe} ({variant.name}: {variant.description}, "
-        f"{recipe.get('coarse_epochs') or recipe.get('epochs')}+{recipe.get('fine_epochs') or recipe.get('epochs')} "
-        f"epochs, {recipe.get('optimizer')}), trained on CT generated from one real CT; measured on unseen real CT: "
-        f"mean DSC {ircad['mean_dsc']:.2f} (IRCAD 3D-IRCADb-01 #1, liver/kidneys/spleen), "
-        f"{amos['mean_dsc']:.2f} (AMOS 0001 slab, {len(amos['organs_scored'])} organs). Not for clinical use.")
+    card.update(card_text(card, args.recipe, recipe, json.loads((args.data / "report.json").read_text())))
     report = {"bundle": str(args.run / "model.safetensors"), "segment_seconds_cpu": round(seconds, 2),
               "timings": {k: round(v, 2) for k, v in result.timings.items()}, **card["metrics"],
-              "training": card["training"], "data": card["data"], "description": card["description"]}
+              "training": card["training"], **_text_fields(card)}
     print_report(validation)
     print(f"\n{'organ':<22}{'DSC':>8}{'NSD':>8}   (training case: fitting, not generalisation)")
     for key, value in per_organ.items():

@@ -152,15 +152,29 @@ def _write_preview(case: Path, labels_path: Path, preview: Path, batch: bool) ->
 
 
 def cmd_model_info(args: argparse.Namespace) -> int:
-    """Print the model card of a bundle."""
+    """Verify a bundle (weights and card) and print a short summary of its card, or (``--json``)
+    the whole card as JSON."""
     import json
 
-    from .bundle import default_bundle_path, read_bundle_metadata
+    from .bundle import default_bundle_path, verify_bundle
+    from .model_card import summary_lines
 
     path = Path(args.model) if args.model else default_bundle_path()
-    header, card = read_bundle_metadata(path)
-    print(f"model bundle {path}\nsha256 {header.get('sha256')}")
-    print(json.dumps(card, indent=2, sort_keys=True))
+    header, card, tensors = verify_bundle(path)  # a corrupt, modified or old-format file stops here
+    if args.json:
+        print(json.dumps(card, indent=2, sort_keys=True))
+        return 0
+    buffers = ("running_mean", "running_var", "num_batches_tracked")
+    info = {
+        "path": str(path), "format_version": header.get("format_version"), "sha256": header.get("sha256"),
+        "verified": True, "bytes": path.stat().st_size,
+        "dtypes": sorted({str(t.dtype).replace("torch.", "") for t in tensors.values() if t.is_floating_point()}),
+        "parameters": {stage: sum(t.numel() for name, t in tensors.items()
+                                  if name.startswith(f"{stage}.") and not name.endswith(buffers))
+                       for stage in ("coarse", "fine")},
+    }
+    print("\n".join(summary_lines(card, info)))
+    print("full model card: abdomen-kdseg model-info --json" + (f" {args.model}" if args.model else ""))
     return 0
 
 
@@ -194,8 +208,10 @@ def build_parser() -> argparse.ArgumentParser:
     seg.add_argument("-q", "--quiet", action="store_true", help="no progress bar or summary")
     seg.set_defaults(func=cmd_segment)
 
-    info = sub.add_parser("model-info", help="print a model bundle's card (architecture, data, metrics)")
-    info.add_argument("model", nargs="?", default=None)
+    info = sub.add_parser("model-info", help="verify a model bundle and summarise its card (--json: whole card)")
+    info.add_argument("model", nargs="?", default=None, metavar="BUNDLE",
+                      help="model bundle (.safetensors; default: the bundled model)")
+    info.add_argument("--json", action="store_true", help="print the whole model card as JSON")
     info.set_defaults(func=cmd_model_info)
 
     for register in _optional_registrations():

@@ -9,7 +9,9 @@ installed, and without loading the weights.
 Card fields used (all optional, older cards lack some): ``description`` (what the model is and
 what it was trained on), ``data.description`` / ``data.labeled`` / ``data.unlabeled`` (the
 training data), ``metrics.validation.<case>.mean_dsc`` (accuracy measured on CT the model never
-saw), ``metrics.held_out`` (a string when that was not measured), ``trained`` and ``demonstration``.
+saw), ``metrics.held_out`` (a string when that was not measured), ``trained`` and ``demonstration``;
+for :func:`summary_lines` also ``method.text`` (how it was trained, derived from the recipe),
+``recipe.variant``, ``data.generator``, ``labels`` and ``preprocessing``.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import json
 import os
 import re
 import struct
+import textwrap
 from pathlib import Path
 from typing import Any, Union
 
@@ -154,3 +157,146 @@ def describe_model(path: PathLike | None = None) -> tuple[str, bool]:
     except ModelCardError as exc:
         return str(exc), False
     return card_line(p, card), is_demonstration(card)
+
+
+#: Width of the label column of :func:`summary_lines`.
+_LABEL = 11
+_WIDTH = 120
+
+
+def _row(label: str, text: str) -> list[str]:
+    """``label`` then ``text`` wrapped to the summary's width, continuation lines indented."""
+    return textwrap.wrap(text, width=_WIDTH, initial_indent=f"{label:<{_LABEL}}",
+                         subsequent_indent=" " * _LABEL, break_on_hyphens=False) or [label]
+
+
+def _what(card: dict[str, Any]) -> str:
+    """How the model was trained: ``method.text`` of the card, else its recipe variant."""
+    if card.get("trained") is False:
+        return "UNTRAINED (random weights): its segmentation is meaningless"
+    method = card.get("method")
+    if isinstance(method, dict) and isinstance(method.get("text"), str) and method["text"].strip():
+        return method["text"].strip()
+    recipe = card.get("recipe")
+    if isinstance(recipe, dict) and recipe.get("variant"):
+        return f"training recipe variant {recipe['variant']} (the card does not say more)"
+    description = str(card.get("description") or "").strip()
+    return textwrap.shorten(description, 200, placeholder=" ...") if description else "not stated in its model card"
+
+
+def _span(names: list[Any]) -> str:
+    """``A_0001..0034`` for a sorted list of case names (the shared prefix said once)."""
+    names = [str(n) for n in names]
+    if len(names) < 2:
+        return ", ".join(names)
+    first, last = names[0], names[-1]
+    stem = re.match(r"(.*?)(\d+)$", first)
+    if stem and last.startswith(stem.group(1)) and last[len(stem.group(1)):].isdigit():
+        return f"{first}..{last[len(stem.group(1)):]}"
+    return f"{first}..{last}"
+
+
+def _data(card: dict[str, Any]) -> str:
+    """The training data in one sentence: counts, and how the generated cases were made."""
+    data = card.get("data") or {}
+    generator = data.get("generator") or {}
+    labeled, unlabeled = data.get("labeled"), data.get("unlabeled") or 0
+    if isinstance(labeled, int) and generator.get("source") and generator.get("train_targets"):
+        text = (f"{labeled} labeled CT, " + (f"{unlabeled} unlabeled CT" if unlabeled else "no unlabeled CT")
+                + f": generated from ONE real CT ({generator['source']}) deformed onto "
+                f"{len(generator['train_targets'])} FLARE22 label maps ({_span(generator['train_targets'])}), "
+                f"{generator.get('variants_per_label_map', '?')} renderings each")
+        if generator["source"] in (data.get("labeled_cases") or []):
+            text += ", plus that CT"
+        if generator.get("heldout_targets"):
+            text += f"; held out: {_span(generator['heldout_targets'])}"
+        return text
+    return _trained_on(card).removeprefix("trained on ")
+
+
+def _organs(card: dict[str, Any]) -> str:
+    labels = [entry for entry in card.get("labels") or [] if isinstance(entry, dict)]
+    if not labels:
+        return "not stated in its model card"
+    names = ", ".join(str(entry.get("name", entry.get("key", "?"))).lower() for entry in labels)
+    return f"{len(labels)}: {names}"
+
+
+def _size(value: Any) -> str:
+    return "x".join(str(v) for v in value) if isinstance(value, (list, tuple)) else str(value)
+
+
+def _input(card: dict[str, Any]) -> str:
+    """The input preprocessing in one line (what a user must give and what the model sees)."""
+    pre = card.get("preprocessing")
+    if not isinstance(pre, dict) or not pre:
+        return "preprocessing not stated in its model card"
+    parts = ["CT in HU" + (f", {pre['orientation']} axes (no resampling)" if pre.get("orientation") else "")]
+    window = pre.get("hu_window")
+    if isinstance(window, (list, tuple)) and len(window) == 2:
+        parts.append(f"clipped to [{window[0]:g}, {window[1]:g}] HU and z-scored per window")
+    sizes = []
+    if pre.get("coarse_size_zyx"):
+        sizes.append(f"coarse {_size(pre['coarse_size_zyx'])}")
+    if pre.get("fine_size_zyx"):
+        sizes.append(f"fine crop {_size(pre['fine_size_zyx'])} (box x{pre.get('crop_padding', '?')})")
+    if pre.get("window_zyx"):
+        sizes.append(f"windows {_size(pre['window_zyx'])} overlap {pre.get('window_overlap', '?')}")
+    return "; ".join(parts + [", ".join(sizes)] if sizes else parts)
+
+
+def _accuracy(card: dict[str, Any]) -> list[str]:
+    """One or two lines: mean DSC per unseen validation case, then the held-out generated split."""
+    metrics = card.get("metrics") or {}
+    validation = metrics.get("validation") if isinstance(metrics.get("validation"), dict) else {}
+    scores = []
+    for case, dsc in validation_scores(card):
+        organs = validation[case].get("organs_scored")
+        scores.append(f"{dsc:.2f} {case}" + (f" ({len(organs)} organs)" if isinstance(organs, list) else ""))
+    lines = _row("accuracy", "unseen CT, mean DSC: " + ", ".join(scores)) if scores else \
+        _row("accuracy", accuracy_text(card))
+    heldout = metrics.get("heldout_synthetic_mean_dsc")
+    if isinstance(heldout, dict) and isinstance(heldout.get("mean"), (int, float)):
+        lines += _row("", f"held-out generated CT, mean DSC: {heldout['mean']:.2f} "
+                          "(synthetic: not real-world accuracy)")
+    return lines
+
+
+def summary_lines(card: dict[str, Any], file_info: dict[str, Any] | None = None) -> list[str]:
+    """A short human summary of a model card (about a dozen lines), for ``abdomen-kdseg model-info``.
+
+    A pure function of the card and of ``file_info``, facts about the file the caller found:
+    ``path``, ``format_version``, ``sha256``, ``verified`` (checksum of weights and card matched),
+    ``bytes`` (file size), ``dtypes`` (storage dtypes of the weights), ``parameters``
+    (``{"coarse": n, "fine": n}``). Missing facts are left out.
+    """
+    info = file_info or {}
+    lines: list[str] = []
+    path = info.get("path")
+    if path:
+        lines.append(f"{'model':<{_LABEL}}{path}")  # never wrapped: a path stays one piece
+    if info.get("format_version") or info.get("sha256"):
+        checked = {True: "checksum verified (weights and model card)", False: "checksum NOT verified"}.get(
+            info.get("verified"), "checksum not checked")
+        lines += _row("bundle", f"format {info.get('format_version', '?')}, SHA-256 "
+                                f"{str(info.get('sha256', '?'))[:16]}..., {checked}")
+    lines += _row("what", _what(card))
+    if card.get("trained") is not False:
+        lines += _row("trained on", _data(card))
+    lines += _row("organs", _organs(card))
+    lines += _row("input", _input(card))
+    if card.get("trained") is not False:
+        lines += _accuracy(card)
+    size = []
+    params = info.get("parameters")
+    if isinstance(params, dict) and params:
+        size.append(" + ".join(f"{stage} {n / 1e6:.2f} M" for stage, n in params.items()) + " parameters")
+    if info.get("dtypes"):
+        size.append(f"{'/'.join(info['dtypes'])} storage (computed in float32)")
+    if isinstance(info.get("bytes"), int):
+        size.append(f"{info['bytes'] / 1e6:.1f} MB")
+    if size:
+        lines += _row("size", ", ".join(size))
+    if is_demonstration(card):
+        lines += _row("note", "demonstration model, not for clinical use")
+    return lines
