@@ -1,19 +1,23 @@
 """What the ONNX Runtime and OpenVINO backends share, tested on both: probabilities equal to
 PyTorch's, one exported graph cached on disk and reused (OpenVINO also keeps its compiled blob), a
 corrupt cache file replaced, the in-memory fallback of an unwritable cache, the PyTorch fallback
-when the runtime fails, and the refusal of a batch of another shape. Each backend is skipped when not installed;
+when the runtime fails, the refusal of a batch of another shape, the one-line message before an
+export (a cache miss only), and the cache's size cap (a hit touches the graph, a new graph prunes
+the least recently used ones). Each backend is skipped when not installed;
 their own behaviour (caches, selection, label maps on the sample CT) is in test_onnx_backend.py
 and test_openvino_backend.py."""
 
 from __future__ import annotations
 
+import os
+import time
 from dataclasses import dataclass
 from types import ModuleType
 
 import pytest
 import torch
 
-from AbdomenKDSegLib import onnx_backend, openvino_backend
+from AbdomenKDSegLib import graph_cache, onnx_backend, openvino_backend
 
 from engine_helpers import private_runtime_cache, tiny_student, torch_probabilities
 
@@ -25,14 +29,15 @@ SHA = "00112233445566778899aabbccddeeff" * 2
 class Backend:
     module: ModuleType
     engine: str  #: the name its warnings use
+    runtime: str  #: the name its export message uses
     tolerance: float  #: largest probability difference accepted against PyTorch
     breakable: str  #: the step whose failure must fall back to PyTorch
 
 
 BACKENDS = {
-    "onnx": Backend(onnx_backend, "ONNX", 1e-4, "export_onnx"),
+    "onnx": Backend(onnx_backend, "ONNX", "ONNX Runtime", 1e-4, "export_onnx"),
     # oneDNN sums in another order than PyTorch: within 1e-3 rather than bit for bit
-    "openvino": Backend(openvino_backend, "OpenVINO", 1e-3, "compile_graph"),
+    "openvino": Backend(openvino_backend, "OpenVINO", "OpenVINO", 1e-3, "compile_graph"),
 }
 
 
@@ -116,3 +121,39 @@ def test_batch_of_another_shape_is_refused(backend):
     runner = backend.module.make_runner(tiny_student(), TINY_WINDOW, SHA, "coarse")
     with pytest.raises(ValueError, match=rf"{backend.engine} coarse network takes a \(1, 1, 16, 16, 32\)"):
         runner(torch.zeros(1, 1, 16, 16, 16))
+
+
+def test_export_prints_one_line_on_a_cache_miss_only(backend, capsys):
+    net = tiny_student()
+    x = torch.randn((1, 1) + TINY_WINDOW)
+    backend.module.make_runner(net, TINY_WINDOW, SHA, "coarse")(x)
+    lines = [line for line in capsys.readouterr().err.splitlines() if "preparing" in line]
+    assert lines == [f"preparing the CPU runtime ({backend.runtime}) for the coarse network of this model, "
+                     "once per model: up to about 30 s..."]
+    backend.module.make_runner(net, TINY_WINDOW, SHA, "coarse")(x)  # from the cache: silent
+    assert "preparing" not in capsys.readouterr().err
+    backend.module.make_runner(net, TINY_WINDOW, None, "fine")(x)  # no checksum: never cached, said so
+    assert "for the fine network of this model, not cached" in capsys.readouterr().err
+
+
+def test_a_new_graph_prunes_old_bundles_and_a_hit_touches_its_graph(backend, monkeypatch):
+    folder = onnx_backend.cache_dir()
+    folder.mkdir(parents=True)
+    old = [folder / onnx_backend.cache_name("9" * 64, stage, (96, 64, 96)) for stage in ("coarse", "fine")]
+    month_ago = time.time() - 30 * 86_400
+    for path in old:
+        path.write_bytes(b"g" * 600_000)
+        os.utime(path, (month_ago, month_ago))
+    keep = folder / "notes.onnx"  # not one of the project's graph names
+    keep.write_bytes(b"k" * 2_000_000)
+    monkeypatch.setenv(graph_cache.MAX_MB_ENV, "1")  # room for the new tiny graph, not for the old bundle
+    net = tiny_student()
+    x = torch.randn((1, 1) + TINY_WINDOW)
+    backend.module.make_runner(net, TINY_WINDOW, SHA, "coarse")(x)
+    graph = folder / onnx_backend.cache_name(SHA, "coarse", TINY_WINDOW)
+    assert graph.is_file() and keep.is_file() and not any(p.exists() for p in old)
+    if backend.module is openvino_backend:  # the compiled blob lives in the graph's own folder
+        assert list(graph_cache.compiled_dir(graph.name, folder).glob("*.blob"))
+    os.utime(graph, (month_ago, month_ago))
+    backend.module.make_runner(net, TINY_WINDOW, SHA, "coarse")(x)
+    assert graph.stat().st_mtime > time.time() - 600  # used now: the most recent in the cache

@@ -301,7 +301,11 @@ def assert_same_run(a_dir: Path, b_dir: Path) -> None:
         assert sa["global_step"] == sb["global_step"] and sb["completed"]
         for role in sa["models"]:
             assert_bitwise_equal(sa["models"][role], sb["models"][role])
-    assert load_bundle(a_dir / "model.safetensors").sha256 == load_bundle(b_dir / "model.safetensors").sha256
+    ba, bb = load_bundle(a_dir / "model.safetensors"), load_bundle(b_dir / "model.safetensors")
+    for net in ("coarse", "fine"):
+        assert_bitwise_equal(getattr(ba, net).state_dict(), getattr(bb, net).state_dict())
+    # the model cards differ only in the time of export (so the bundles' checksums differ too)
+    assert {**ba.metadata, "created": None} == {**bb.metadata, "created": None}
 
 
 def test_pipeline_resume_matches_uninterrupted_run(data_dir, tmp_path, uninterrupted_run):
@@ -313,8 +317,8 @@ def test_pipeline_resume_matches_uninterrupted_run(data_dir, tmp_path, uninterru
     b = train(recipe, data_dir, tmp_path / "b", resume=True, cache_dir=cache, progress=False)
     assert b.completed
     assert_same_run(a.out_dir, tmp_path / "b")
-    ba, bb = load_bundle(a.bundle), load_bundle(b.bundle)
-    assert ba.sha256 == bb.sha256 and ba.trained
+    ba = load_bundle(a.bundle)  # same weights and card as b's (assert_same_run)
+    assert ba.trained
     assert ba.preprocessing["coarse_size_zyx"] == [32, 32, 32] and ba.preprocessing["window_zyx"] == [32, 16, 32]
 
 

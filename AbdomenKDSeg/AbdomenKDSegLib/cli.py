@@ -220,11 +220,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _optional_registrations() -> list[Callable[[argparse._SubParsersAction], None]]:
-    """``register_cli`` of the evaluation and training modules."""
+    """``register_cli`` of the evaluation, training, rendering and graph-cache modules."""
     import importlib
 
     found = []
-    for name in ("evaluation", "training.cli", "render3d"):
+    for name in ("evaluation", "training.cli", "render3d", "graph_cache"):
         try:
             module = importlib.import_module(f"{__package__}.{name}")
         except ModuleNotFoundError as exc:  # a partial install without that part

@@ -10,6 +10,9 @@ Exported graphs are cached in ``$ABDOMENKDSEG_CACHE`` (default ``$XDG_CACHE_HOME
 or ``~/.cache/abdomen-kdseg``) under a name built from the bundle's SHA-256, the stage, the
 window and the torch version; files are written atomically. When the folder is not writable
 the graph is kept in memory only. A cached graph that ONNX Runtime cannot load is replaced.
+A cached graph is touched when used; after a new one is written the least recently used graphs
+beyond ``$ABDOMENKDSEG_CACHE_MAX_MB`` (default 400 MB) are deleted (:mod:`.graph_cache`). An
+export (a cache miss, 10-30 s for the default model) first prints one line on stderr saying so.
 
 Input of a runner: a (1, 1, Z, Y, X) float32 tensor of exactly the window shape (z-scored CT).
 Output: softmax probabilities (1, C, Z, Y, X), float32, on the CPU.
@@ -20,6 +23,7 @@ from __future__ import annotations
 import inspect
 import io
 import os
+import sys
 import threading
 import warnings
 from pathlib import Path
@@ -28,8 +32,9 @@ from typing import Callable, Optional, Sequence, TypeVar
 import numpy as np
 import torch
 
-#: Environment variable naming the folder for exported ONNX graphs.
-CACHE_ENV = "ABDOMENKDSEG_CACHE"
+from . import graph_cache
+from .graph_cache import CACHE_ENV, cache_dir  # noqa: F401 (CACHE_ENV: re-exported, the tests use it)
+
 #: ONNX opset used for the export (InstanceNormalization, ConvTranspose, grouped Conv).
 OPSET = 17
 #: Bumped whenever the exported graph changes for the same weights (invalidates old cache files).
@@ -48,15 +53,6 @@ def available() -> bool:
     except Exception:  # ImportError, or a broken install raising something else
         return False
     return True
-
-
-def cache_dir() -> Path:
-    """Folder for exported graphs: ``$ABDOMENKDSEG_CACHE``, else the user cache folder."""
-    env = os.environ.get(CACHE_ENV)
-    if env:
-        return Path(env).expanduser()
-    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    return Path(base) / "abdomen-kdseg"
 
 
 def cache_name(sha256: str, stage: str, window_zyx: Sequence[int]) -> str:
@@ -177,20 +173,42 @@ def load_or_export(net: torch.nn.Module, window_zyx: Sequence[int], sha256: Opti
     return cached_graph(net, window_zyx, sha256, stage, lambda model: _new_session(model, threads))
 
 
+def announce_export(engine: str, stage: str, cached: bool) -> None:
+    """One line on stderr before an export (a cache miss), above any progress bar: the CLI shows it and
+    the Slicer worker forwards it to the module's log."""
+    once = ("once per model: up to about 30 s" if cached else
+            "not cached (the model has no checksum): up to about 30 s")
+    message = f"preparing the CPU runtime ({engine}) for the {stage} network of this model, {once}..."
+    try:
+        from tqdm import tqdm
+
+        tqdm.write(message, file=sys.stderr)
+        sys.stderr.flush()
+    except ImportError:
+        print(message, file=sys.stderr, flush=True)
+
+
 def cached_graph(net: torch.nn.Module, window_zyx: Sequence[int], sha256: Optional[str], stage: str,
-                 load: Callable[[bytes], T]) -> T:
+                 load: Callable[[bytes], T], engine: str = "ONNX Runtime") -> T:
     """``load(graph)`` of ``stage``'s exported ONNX graph, read from the cache or freshly exported.
 
     Without a ``sha256`` (weights not identified) nothing is cached. A cached graph that ``load``
     rejects (corrupt or truncated file) is re-exported and overwritten; an unwritable cache folder
-    leaves the graph in memory (RuntimeWarning). Shared by the ONNX Runtime and OpenVINO backends.
+    leaves the graph in memory (RuntimeWarning). A cache hit touches the file (its last use); an
+    export first prints one line on stderr (:func:`announce_export`, naming ``engine``), and once the
+    new graph is written the cache is pruned to its size cap (:func:`graph_cache.prune`; this
+    bundle's graphs are kept). Shared by the ONNX Runtime and OpenVINO backends.
     """
     path = cache_dir() / cache_name(sha256, stage, window_zyx) if sha256 else None
     if path is not None and path.is_file():
         try:
-            return load(path.read_bytes())
+            loaded = load(path.read_bytes())
         except Exception:  # corrupt or truncated cache file (runtimes raise their own types)
             pass
+        else:
+            graph_cache.touch(path)
+            return loaded
+    announce_export(engine, stage, cached=path is not None)
     model = export_onnx(net, window_zyx)
     if path is not None:
         try:
@@ -198,6 +216,8 @@ def cached_graph(net: torch.nn.Module, window_zyx: Sequence[int], sha256: Option
         except OSError as exc:
             warnings.warn(f"cannot cache the ONNX graph in {path.parent} ({exc}); it is kept in memory",
                           RuntimeWarning, stacklevel=2)
+        else:
+            graph_cache.prune(keep=[path.name])
     return load(model)
 
 

@@ -8,8 +8,10 @@ handle the student's depthwise 3D convolutions far better than ONNX Runtime's gr
 convolution: one 96x64x96 window takes ~0.6-0.9 s instead of ~1.4-2.5 s on 2 cores
 (``benchmarks/README.md``); logits agree with PyTorch within ~1e-3 (a different summation order).
 
-Compiled models are cached by OpenVINO itself in ``<onnx cache>/openvino`` (halves the compile
-time of later runs) when that folder is writable; without it everything works, a little slower.
+Compiled models are cached by OpenVINO itself in ``<onnx cache>/openvino/<graph name>/`` (halves
+the compile time of later runs) when that folder is writable; without it everything works, a little
+slower. One folder per cached graph, so the size cap of :mod:`.graph_cache` deletes a graph's
+compiled blobs with it; a graph without a bundle checksum (not cached) is compiled without a cache.
 
 Input of a runner: a (1, 1, Z, Y, X) float32 tensor of exactly the window shape (z-scored CT).
 Output: softmax probabilities (1, C, Z, Y, X), float32, on the CPU.
@@ -26,7 +28,7 @@ from typing import Callable, Optional, Sequence
 import numpy as np
 import torch
 
-from . import onnx_backend
+from . import graph_cache, onnx_backend
 
 Runner = onnx_backend.Runner
 
@@ -54,9 +56,12 @@ def core():  # noqa: ANN201 (openvino.Core)
         return _core
 
 
-def compiled_cache_dir() -> Optional[Path]:
-    """Folder for OpenVINO's compiled-model cache (``<onnx cache>/openvino``), None if not writable."""
-    folder = onnx_backend.cache_dir() / "openvino"
+def compiled_cache_dir(graph_name: Optional[str] = None) -> Optional[Path]:
+    """Folder for OpenVINO's compiled-model cache of the cached graph ``graph_name``
+    (``<onnx cache>/openvino/<graph name without .onnx>``; without a name ``<onnx cache>/openvino``),
+    created if needed; None if not writable."""
+    root = onnx_backend.cache_dir()
+    folder = graph_cache.compiled_dir(graph_name, root) if graph_name else root / graph_cache.OPENVINO_DIR
     try:
         folder.mkdir(parents=True, exist_ok=True)
     except OSError:
@@ -82,9 +87,13 @@ def with_softmax(model):  # noqa: ANN001, ANN201 (openvino.Model)
     return steps.build()
 
 
-def compile_graph(model: bytes, threads: Optional[int] = None) -> Callable[[np.ndarray], np.ndarray]:
+def compile_graph(model: bytes, threads: Optional[int] = None,
+                  graph_name: Optional[str] = None) -> Callable[[np.ndarray], np.ndarray]:
     """Compile an ONNX graph of logits for the CPU; returns ``infer(x) -> probabilities``
-    (softmax over axis 1) for one float32 batch.
+    (softmax over axis 1) for one float32 batch. ``graph_name``: the graph's file name in the
+    cache (:func:`onnx_backend.cache_name`); OpenVINO then keeps the compiled model in that
+    graph's folder (:func:`compiled_cache_dir`) and the cache is pruned to its cap afterwards;
+    None: no compiled-model cache.
 
     ``threads`` inference threads (default ``torch.get_num_threads()``), latency mode (one
     stream), float32 precision (no bf16/fp16 down-conversion on CPUs that support it). The
@@ -94,12 +103,14 @@ def compile_graph(model: bytes, threads: Optional[int] = None) -> Callable[[np.n
     ov_core = core()
     config: dict[str, object] = {"INFERENCE_NUM_THREADS": int(threads or torch.get_num_threads()),
                                  "PERFORMANCE_HINT": "LATENCY", "INFERENCE_PRECISION_HINT": "f32"}
-    cache = compiled_cache_dir()
+    cache = compiled_cache_dir(graph_name) if graph_name else None
     if cache is not None:
         config["CACHE_DIR"] = str(cache)
     import openvino as ov
 
     compiled = ov_core.compile_model(with_softmax(ov_core.read_model(io.BytesIO(model))), "CPU", config)
+    if cache is not None:
+        graph_cache.prune(keep=[graph_name])  # the new blob counts towards the cap
     request = compiled.create_infer_request()
     out_shape = tuple(compiled.output(0).get_shape())
     lock = threading.Lock()
@@ -131,8 +142,11 @@ def make_runner(net: torch.nn.Module, window_zyx: Sequence[int], sha256: Optiona
         raise ImportError("the OpenVINO backend needs openvino: pip install openvino "
                           "(or use backend='onnx' or 'torch')")
 
+    graph_name = onnx_backend.cache_name(sha256, stage, window_zyx) if sha256 else None
+
     def create() -> Callable[[np.ndarray], np.ndarray]:
         return onnx_backend.cached_graph(net, window_zyx, sha256, stage,
-                                         lambda model: compile_graph(model, threads))
+                                         lambda model: compile_graph(model, threads, graph_name),
+                                         engine="OpenVINO")
 
     return onnx_backend.graph_runner(net, window_zyx, stage, "OpenVINO", create, softmax=False)
