@@ -199,7 +199,7 @@ def test_coarse_output_is_a_folder_for_a_folder_of_cases(tmp_path, capsys, tiny_
     shutil.copy(SAMPLE_CT, cases / "abdomen_0000.nii.gz")
     code, _, err = _run(["segment", cases, tmp_path / "labels", "--model", tiny_model, "-q",
                          "--coarse-output", tmp_path / "labels"], capsys)
-    assert code == 1 and err.startswith("error: --coarse-output") and "output folder" in err
+    assert code == 2 and err.startswith("error: --coarse-output") and "would replace the fine ones" in err
     assert not (tmp_path / "labels").exists()
     code, _, err = _run(["segment", cases, tmp_path / "labels", "--model", tiny_model, "-q",
                          "--coarse-output", tmp_path / "coarse"], capsys)

@@ -9,7 +9,7 @@ import pytest
 import SimpleITK as sitk
 import torch
 
-from AbdomenKDSegLib.errors import InputError
+from AbdomenKDSegLib.errors import UsageError
 from AbdomenKDSegLib.geometry import centered_box
 from AbdomenKDSegLib.image_io import read_image
 from AbdomenKDSegLib.inference import (
@@ -192,6 +192,7 @@ def test_segment_file_writes_the_coarse_result_beside_the_output(tiny_predictor,
                                                                  tmp_path):
     source = tmp_path / "ct.nrrd"
     sitk.WriteImage(oblique_storage, str(source))
+    (tmp_path / "sub").mkdir()  # an output's folder must exist
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the tiny bundle is untrained, and says so
         result = segment_file(source, tmp_path / "fine.nii.gz", predictor=tiny_predictor,
@@ -219,7 +220,7 @@ def test_segment_file_writes_the_coarse_result_beside_the_output(tiny_predictor,
                                                   ("folder", "is a folder")])
 def test_bad_coarse_output_fails_before_any_work(tmp_path, coarse_name, message):
     (tmp_path / "folder").mkdir()
-    with pytest.raises(InputError, match=message):
+    with pytest.raises(UsageError, match=message):  # checked before the model is loaded
         segment_file(SAMPLE_CT, tmp_path / "fine.nii.gz", model=tmp_path / "not-loaded.safetensors",
                      coarse_output=tmp_path / coarse_name)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["folder"]

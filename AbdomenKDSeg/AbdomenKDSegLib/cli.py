@@ -6,11 +6,12 @@ import argparse
 import sys
 import time
 import warnings
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Sequence
 
-from . import __version__
-from .errors import AbdomenKDSegError, InputError
+from . import __version__, output_paths
+from .errors import AbdomenKDSegError, InputError, UsageError
 from .image_io import dicom_series_files, has_image_suffix
 
 #: Overall progress fraction at which each stage starts and ends (for one progress bar).
@@ -63,13 +64,16 @@ class StageProgress:
             self.bar.close()
 
 
-def print_summary(result, stream=None) -> None:  # noqa: ANN001
-    """Organ table (voxels, mL) and seconds per stage of a :class:`SegmentationResult`."""
+def print_summary(result, stream=None, organs: Sequence[int] | None = None) -> None:  # noqa: ANN001
+    """Organ table (voxels, mL) and seconds per stage of a :class:`SegmentationResult`; ``organs``:
+    the label values asked for (default all 13)."""
     from .organs import ORGANS
 
     volumes = result.volumes_ml()
     lines = [f"{'label':>5}  {'organ':<22}{'voxels':>12}{'volume mL':>12}"]
     for organ in ORGANS:
+        if organs is not None and organ.value not in organs:
+            continue
         n = result.voxel_counts.get(organ.value, 0)
         lines.append(f"{organ.value:>5}  {organ.name:<22}{n:>12d}{volumes.get(organ.value, 0.0):>12.1f}")
     timing = "  ".join(f"{k} {v:.2f}s" for k, v in result.timings.items())
@@ -81,74 +85,131 @@ def print_summary(result, stream=None) -> None:  # noqa: ANN001
     print("\n".join(lines), file=stream or sys.stdout)
 
 
-def cmd_segment(args: argparse.Namespace) -> int:
-    """Segment one input (file or DICOM folder) or every case of a folder."""
-    from .inference import Predictor, segment_file
+@dataclass
+class CaseJob:
+    """One input of ``segment`` and where its results go (all paths checked before any work)."""
 
-    source, target = Path(args.input), Path(args.output)
+    input: Path
+    output: Path
+    coarse: Path | None = None
+    preview: Path | None = None
+
+    @property
+    def name(self) -> str:
+        return case_name(self.input)
+
+
+@dataclass
+class SegmentPlan:
+    """Every case of a ``segment`` command with its outputs, and the folders to create first."""
+
+    jobs: list[CaseJob]
+    batch: bool
+    organs: list[int] | None = None
+    create: list[Path] = field(default_factory=list)
+
+
+def plan_segment(args: argparse.Namespace) -> SegmentPlan:
+    """Check the arguments and every output path of ``segment`` before anything is loaded or read.
+
+    Raises :class:`InputError` for a missing input or a folder without images, :class:`UsageError`
+    for bad organs or outputs (rules in :mod:`output_paths`): an output that is an input, an
+    existing file without ``--overwrite``, a missing or read-only folder, a wrong file type, two
+    cases with the same output name.
+    """
+    from .organs import resolve_organs
+
+    source = Path(args.input)
     if not source.exists():
         raise InputError(f"input not found: {source}")
+    organs = [o.value for o in resolve_organs(args.organs)] if args.organs is not None else None
+    if organs == []:
+        raise UsageError("--organs names no organ: give a comma-separated list such as liver,spleen")
     batch = source.is_dir() and not dicom_series_files(source)
     cases = find_cases(source) if batch else [source]
     if batch and not cases:
         raise InputError(f"no images (NIfTI/NRRD/MHA files or DICOM series folders) found in {source}")
-    if batch and target.exists() and not target.is_dir():
-        raise InputError(f"output {target} must be a folder when the input is a folder of cases")
-    coarse_target = Path(args.coarse_output) if args.coarse_output else None
-    if batch and coarse_target is not None:
-        _check_coarse_folder(coarse_target, target)
+    inputs = [source, *cases]
+    plan = SegmentPlan([CaseJob(case, Path()) for case in cases], batch, organs)
+    seen: dict[str, Path] = {}
+    for job in plan.jobs:
+        if job.name in seen:
+            raise UsageError(f"the cases {seen[job.name].name} and {job.input.name} in {source} would both be "
+                             f"written as {job.name}.nii.gz; rename one")
+        seen[job.name] = job.input
+    outputs = {"output": (args.output, ".nii.gz", output_paths.LABEL_SUFFIXES),
+               "coarse output": (args.coarse_output, ".nii.gz", output_paths.LABEL_SUFFIXES),
+               "preview": (args.preview, ".png", output_paths.PREVIEW_SUFFIXES)}
+    for what, (text, suffix, suffixes) in outputs.items():
+        if not text:
+            continue
+        target, as_folder = Path(text), batch or output_paths.is_folder_target(text)
+        if as_folder:
+            if batch and target.exists() and not target.is_dir():
+                raise UsageError(f"{what} {target} must be a folder when the input is a folder of cases")
+            if output_paths.check_output_folder(target, inputs, f"{what} folder") and target not in plan.create:
+                plan.create.append(target)
+        for job in plan.jobs:
+            path = target / f"{job.name}{suffix}" if as_folder else target
+            output_paths.check_output_file(path, inputs, args.overwrite, what, suffixes,
+                                           parent_checked=as_folder)
+            setattr(job, {"output": "output", "coarse output": "coarse", "preview": "preview"}[what], path)
+    for job in plan.jobs:
+        if job.coarse is not None and job.coarse.absolute() == job.output.absolute():
+            raise UsageError(f"--coarse-output {job.coarse} is the same file as the output: the coarse label maps "
+                             "would replace the fine ones; give another name or folder")
+    return plan
+
+
+def cmd_segment(args: argparse.Namespace) -> int:
+    """Segment one input (file or DICOM folder) or every case of a folder."""
+    plan = plan_segment(args)
+    for folder in plan.create:
+        folder.mkdir(parents=True, exist_ok=True)
+        print(f"created the folder {folder}", file=sys.stderr)
+    from .inference import Predictor, segment_file
+
     predictor = Predictor(args.model, device=args.device, channels_last=not args.no_channels_last,
                           backend=args.backend)
     failed: list[tuple[str, str]] = []
-    for case in cases:
-        out = target / f"{case_name(case)}.nii.gz" if batch else target
-        coarse_out = coarse_target / out.name if batch and coarse_target is not None else coarse_target
-        bar = StageProgress(case_name(case), disable=args.quiet)
+    for job in plan.jobs:
+        bar = StageProgress(job.name, disable=args.quiet)
         started = time.perf_counter()
         try:
-            result = segment_file(case, out, device=args.device, fine=not args.no_fine, organs=args.organs,
-                                  progress=bar, predictor=predictor, coarse_output=coarse_out)
+            result = segment_file(job.input, job.output, device=args.device, fine=not args.no_fine,
+                                  organs=plan.organs, progress=bar, predictor=predictor, coarse_output=job.coarse,
+                                  overwrite=args.overwrite)
         except AbdomenKDSegError as exc:
             bar.close()
-            if not batch:
+            if not plan.batch:
                 raise
-            failed.append((case.name, str(exc)))
-            print(f"error: {case.name}: {exc}", file=sys.stderr)
+            failed.append((job.input.name, str(exc)))
+            print(f"error: {job.input.name}: {exc}", file=sys.stderr)
             continue
         bar.close()
         if not args.quiet:
-            print(f"{case_name(case)} -> {result.output_path} ({time.perf_counter() - started:.1f}s)")
+            print(f"{job.name} -> {result.output_path} ({time.perf_counter() - started:.1f}s)")
             if result.coarse_output_path is not None:
                 print(f"coarse result -> {result.coarse_output_path}")
-            print_summary(result)
-        if args.preview:
-            _write_preview(case, result.output_path, Path(args.preview), batch)
-    if batch:
-        print(f"{len(cases) - len(failed)} of {len(cases)} cases segmented into {target}")
+            print_summary(result, organs=plan.organs)
+        if job.preview is not None:
+            _write_preview(job, result.output_path)
+    if plan.batch:
+        print(f"{len(plan.jobs) - len(failed)} of {len(plan.jobs)} cases segmented into {args.output}")
         for name, why in failed:
             print(f"  failed: {name}: {why}", file=sys.stderr)
     return 1 if failed else 0
 
 
-def _check_coarse_folder(coarse: Path, target: Path) -> None:
-    """With a folder of cases, ``--coarse-output`` is a folder other than the output folder."""
-    if coarse.exists() and not coarse.is_dir():
-        raise InputError(f"--coarse-output {coarse} must be a folder when the input is a folder of cases")
-    if coarse.resolve() == target.resolve():
-        raise InputError(f"--coarse-output {coarse} is the output folder: the coarse label maps would replace "
-                         "the fine ones; give another folder")
-
-
-def _write_preview(case: Path, labels_path: Path, preview: Path, batch: bool) -> None:
+def _write_preview(job: CaseJob, labels_path: Path) -> None:
     import SimpleITK as sitk
 
     from .image_io import read_image
     from .preview import save_preview
 
-    png = preview / f"{case_name(case)}.png" if batch else preview
-    save_preview(read_image(case, check=False), sitk.ReadImage(str(labels_path)), png,
-                 title=f"AbdomenKDSeg: {case_name(case)}")
-    print(f"preview -> {png}")
+    save_preview(read_image(job.input, check=False), sitk.ReadImage(str(labels_path)), job.preview,
+                 title=f"AbdomenKDSeg: {job.name}")
+    print(f"preview -> {job.preview}")
 
 
 def cmd_model_info(args: argparse.Namespace) -> int:
@@ -178,6 +239,17 @@ def cmd_model_info(args: argparse.Namespace) -> int:
     return 0
 
 
+def positive_int(text: str) -> int:
+    """argparse type of a count: a whole number >= 1 (argparse turns the error into exit code 2)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value} is not allowed: give 1 or more")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser with every subcommand registered."""
     parser = argparse.ArgumentParser(
@@ -188,13 +260,28 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--debug", action="store_true", help="show tracebacks of errors")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    seg = sub.add_parser("segment", help="segment a CT (file or DICOM folder) or a folder of cases")
+    seg = sub.add_parser(
+        "segment", help="segment a CT (file or DICOM folder) or a folder of cases",
+        epilog="Outputs are checked before any work: an output that is an input, an existing file (without "
+               "--overwrite), a missing or read-only folder or a wrong file type stops with exit code 2. "
+               "Exit codes: 0 done, 1 bad input or error (in a folder of cases: any case failed), "
+               "2 usage error, 130 interrupted.")
     seg.add_argument("input", help="NIfTI/NRRD/MHA file, DICOM series folder, or folder of cases")
-    seg.add_argument("output", help="label map file (.nii.gz, .nrrd), or a folder for a folder of cases")
+    seg.add_argument("output", help="label map file (.nii.gz, .nii, .nrrd, .mha) in an existing folder, or a "
+                                    "folder (ending in / or existing; created if missing) that receives "
+                                    "<case>.nii.gz; a folder for a folder of cases")
     seg.add_argument("--model", default=None, help="model bundle (.safetensors); default: the bundled model")
-    seg.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
-    seg.add_argument("--preview", default=None, help="write a PNG preview here (a folder for many cases)")
-    seg.add_argument("--organs", nargs="+", default=None, help="only these organs (keys, names or values)")
+    seg.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"],
+                     help="auto (default): CUDA when a GPU is available, else the CPU; cuda without a GPU "
+                          "runs on the CPU with a warning")
+    seg.add_argument("--preview", default=None, metavar="PNG",
+                     help="write a PNG preview here (a .png file, or a folder: <case>.png)")
+    seg.add_argument("--organs", action="append", default=None, metavar="LIST",
+                     help="only these organs: comma-separated keys, names or label values, e.g. "
+                          "liver,spleen,3 (repeatable); default: all 13")
+    seg.add_argument("--overwrite", action="store_true",
+                     help="replace existing output files (label maps, coarse output, previews); without it an "
+                          "existing file stops the run before any work")
     seg.add_argument("--no-fine", action="store_true", help="coarse stage only (faster, coarser)")
     seg.add_argument("--coarse-output", default=None, metavar="PATH",
                      help="also write the coarse stage's result at full resolution here, to compare with the "
@@ -204,7 +291,8 @@ def build_parser() -> argparse.ArgumentParser:
                      help="network runtime on the CPU: auto = OpenVINO, else ONNX Runtime, whichever is "
                           "installed first, else PyTorch (the CUDA path always uses PyTorch)")
     seg.add_argument("--no-channels-last", action="store_true", help="disable channels_last_3d on CPU (torch)")
-    seg.add_argument("--threads", type=int, default=None, help="CPU threads for PyTorch")
+    seg.add_argument("--threads", type=positive_int, default=None, metavar="N",
+                     help="CPU threads (a whole number >= 1; default: PyTorch's choice, the cores)")
     seg.add_argument("-q", "--quiet", action="store_true", help="no progress bar or summary")
     seg.set_defaults(func=cmd_segment)
 
@@ -236,7 +324,9 @@ def _optional_registrations() -> list[Callable[[argparse._SubParsersAction], Non
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of the ``abdomen-kdseg`` console script; returns the exit code."""
+    """Entry point of the ``abdomen-kdseg`` console script; returns the exit code: 0 done, 1 bad input
+    or an error, 2 usage error (argparse's and :class:`UsageError`), 3 training stopped early
+    (resumable), 130 interrupted."""
     warnings.formatwarning = _format_warning
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -246,6 +336,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         torch.set_num_threads(args.threads)
     try:
         return int(args.func(args) or 0)
+    except UsageError as exc:
+        if args.debug:
+            raise
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     except AbdomenKDSegError as exc:
         if args.debug:
             raise
@@ -257,7 +352,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except Exception as exc:  # one clear line instead of a traceback; --debug shows it
         if args.debug:
             raise
-        print(f"error: {type(exc).__name__}: {exc}", file=sys.stderr)
+        print(f"error: {exc or type(exc).__name__} (unexpected; --debug shows the traceback)", file=sys.stderr)
         return 1
 
 

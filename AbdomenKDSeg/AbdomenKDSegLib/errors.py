@@ -13,3 +13,9 @@ class InputError(AbdomenKDSegError, ValueError):
 
 class BundleError(AbdomenKDSegError):
     """A model bundle is missing, corrupt, or does not match the expected architecture."""
+
+
+class UsageError(AbdomenKDSegError, ValueError):
+    """A call or command was given an invalid argument (organ name, thread count, output path that
+    cannot be written or would replace an existing file); raised before any image is read.
+    The command line exits with code 2 for it."""

@@ -28,10 +28,11 @@ import SimpleITK as sitk
 import torch
 
 from .bundle import ModelBundle, load_bundle
-from .errors import InputError
+from .errors import InputError, UsageError
 from .geometry import crop_box, from_canonical, to_canonical
-from .image_io import OUTPUT_SUFFIXES, PathLike, read_image, validate_ct, write_image_atomic
+from .image_io import PathLike, read_image, validate_ct, write_image_atomic
 from .organs import BY_VALUE, resolve_organs
+from .output_paths import check_output_file
 from .postprocess import largest_component_per_class
 from .preprocess import PAD_HU, clip_and_zscore, pad_to_min_size, resize_argmax, resize_volume
 
@@ -426,6 +427,7 @@ def segment_file(
     progress: Optional[ProgressCallback] = None,
     predictor: Predictor | None = None,
     coarse_output: PathLike | None = None,
+    overwrite: bool = False,
 ) -> SegmentationResult:
     """Segment one CT file or DICOM folder and write the label map atomically.
 
@@ -434,17 +436,24 @@ def segment_file(
     ``coarse_output``: also write the coarse stage's result at full resolution there (same
     format, geometry and organ subset; what ``fine=False`` would write). With ``fine=False`` the
     main output already is the coarse result: nothing more is written, with a warning.
+
+    Before anything is read, the organ names and the output paths are checked
+    (:mod:`output_paths`): an output that is the input, or an existing file without
+    ``overwrite=True``, raises :class:`UsageError`, as do unknown organs.
     """
-    out = Path(output_path)
-    _check_output_file(out)
+    source = Path(input_path)
+    if not source.exists():
+        raise InputError(f"input not found: {source}")
+    out = check_output_file(Path(output_path), [source], overwrite, overwrite_hint="overwrite=True")
     coarse_out = None if coarse_output is None else Path(coarse_output)
     if coarse_out is not None:
-        _check_output_file(coarse_out)
-        if not coarse_out.name.lower().endswith(OUTPUT_SUFFIXES):  # checked now, not after the work
-            raise InputError(f"coarse output {coarse_out}: unsupported file type "
-                             f"(use one of {', '.join(OUTPUT_SUFFIXES)})")
+        check_output_file(coarse_out, [source], overwrite, "coarse output", overwrite_hint="overwrite=True")
         if coarse_out.resolve() == out.resolve():
-            raise InputError(f"the coarse output {coarse_out} is the same file as the output; give another name")
+            raise UsageError(f"the coarse output {coarse_out} is the same file as the output; give another name")
+    if organs is not None:
+        organs = [o.value for o in resolve_organs(list(organs))]
+        if not organs:
+            raise UsageError("no organ selected: give at least one organ (or organs=None for all 13)")
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         t0 = time.perf_counter()
@@ -481,8 +490,3 @@ def segment_file(
     return SegmentationResult(out, info.device, timings, counts, voxel_ml, messages, coarse_out, info.backend,
                               info.gpu_peak_mb)
 
-
-def _check_output_file(path: Path) -> None:
-    """An output label map path must name a file, not an existing folder."""
-    if path.exists() and path.is_dir():
-        raise InputError(f"output {path} is a folder; give a file name such as {path / 'labels.nii.gz'}")

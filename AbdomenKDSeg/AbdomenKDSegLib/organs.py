@@ -10,6 +10,9 @@ SNOMED CT (coding scheme designator ``SCT``), category "Anatomical Structure".
 from __future__ import annotations
 
 from dataclasses import dataclass
+from numbers import Integral
+
+from .errors import UsageError
 
 #: SNOMED CT category code of every organ in the table.
 CATEGORY = ("SCT", "123037004", "Anatomical Structure")
@@ -78,23 +81,32 @@ BY_KEY: dict[str, Organ] = {o.key: o for o in ORGANS}
 
 
 def resolve_organs(selection: list[str | int] | None) -> list[Organ]:
-    """Organs named by key (``"liver"``), display name (``"Left kidney"``) or label value.
+    """Organs named by key (``"liver"``), display name (``"Left kidney"``) or label value, sorted
+    by value; a string may hold a comma-separated list (``"liver,spleen"``).
 
-    ``None`` means all 13. Raises ``ValueError`` naming any unknown entry.
+    ``None`` means all 13; an empty selection gives an empty list (the caller decides whether that
+    is allowed). Raises :class:`errors.UsageError` (a ``ValueError``) naming any unknown entry and
+    listing the known keys.
     """
     if selection is None:
         return list(ORGANS)
     by_name = {o.name.lower(): o for o in ORGANS}
-    out: list[Organ] = []
+    items: list[str | int] = []
     for item in selection:
-        if isinstance(item, int) or (isinstance(item, str) and item.strip().isdigit()):
+        if isinstance(item, str):
+            items.extend(part for part in item.split(",") if part.strip())
+        else:
+            items.append(item)
+    known = ", ".join(o.key for o in ORGANS)
+    out: list[Organ] = []
+    for item in items:
+        if isinstance(item, Integral) or (isinstance(item, str) and item.strip().isdigit()):
             organ = BY_VALUE.get(int(item))
         else:
             text = str(item).strip().lower()
             organ = BY_KEY.get(text.replace(" ", "_")) or by_name.get(text)
         if organ is None:
-            known = ", ".join(o.key for o in ORGANS)
-            raise ValueError(f"unknown organ {item!r}; known organs: {known}")
+            raise UsageError(f"unknown organ {str(item).strip()!r}; known organs: {known} (or their label values 1-13)")
         if organ not in out:
             out.append(organ)
     return sorted(out, key=lambda o: o.value)

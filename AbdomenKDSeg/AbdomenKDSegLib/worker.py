@@ -276,7 +276,8 @@ class Engine:
     def segment(self, input_path: Any, output_path: Any, model: Any = None, device: str = "auto",
                 fine: bool = True, organs: Any = None, progress: Any = None, coarse_output: Any = None,
                 backend: str = "auto") -> Any:
-        """:func:`inference.segment_file` with the predictor kept for the next call."""
+        """:func:`inference.segment_file` with the predictor kept for the next call. The outputs are
+        the caller's temporary files (the Slicer logic's), so they may be replaced."""
         key = self.model_key(model, device, backend)
         if self.key != key or self.predictor is None:
             self.forget()
@@ -290,7 +291,7 @@ class Engine:
         try:
             result = self._inference.segment_file(input_path, output_path, device=device, fine=fine, organs=organs,
                                                   progress=progress, predictor=self.predictor,
-                                                  coarse_output=coarse_output)
+                                                  coarse_output=coarse_output, overwrite=True)
         except BaseException:
             if str(self.predictor.device) != self.device_loaded:
                 self.forget()
