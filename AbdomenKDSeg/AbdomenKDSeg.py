@@ -53,12 +53,14 @@ from AbdomenKDSegLib.logic import (  # noqa: F401  (re-exported for scripting)
     AbdomenKDSegLogic,
     SegmentationCancelled,
     WorkerError,
-    segment_tag,
-    terminology_tag_name,
+    segmentTag,
+    terminologyTagName,
 )
 from AbdomenKDSegLib.organs import ORGANS
+from AbdomenKDSegLib.request import DEVICE_NAMES, DEVICES
 
-DEVICE_CHOICES = ["Auto", "CPU", "CUDA"]
+#: The device combo box's items, saved as such in the parameter node ("Auto", "CPU", "CUDA").
+DEVICE_CHOICES = [DEVICE_NAMES[d] for d in DEVICES]
 ALL_ORGAN_KEYS = ",".join(o.key for o in ORGANS)
 
 
@@ -512,7 +514,7 @@ class AbdomenKDSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 waitForCompletion=False,
                 model=parameters.modelPath or None,
                 fine=parameters.fineStage,
-                keepCoarse=parameters.keepCoarseResult,
+                keepCoarseResult=parameters.keepCoarseResult,
                 allowOtherVolume=allowOtherVolume,
             )
         except Exception as exc:
@@ -555,10 +557,10 @@ class AbdomenKDSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.ui.statusLabel.text = _("Done, with 1 warning.")
         else:
             self.ui.statusLabel.text = _("Done, with {count} warnings.").format(count=count)
-        self.ui.timingLabel.text = _("Last run ('{volume}'): {summary}").format(volume=info.volume_name,
+        self.ui.timingLabel.text = _("Last run ('{volume}'): {summary}").format(volume=info.volumeName,
                                                                              summary=info.summary())
         self._showResults(info.notes())
-        self._showVolumes(info.volume_rows())
+        self._showVolumes(info.volumeRows())
         slicer.util.setSliceViewerLayers(background=self._parameterNode.inputVolume)
 
     def _showResults(self, notes: list) -> None:
@@ -636,8 +638,8 @@ class AbdomenKDSegTest(ScriptedLoadableModuleTest):
             self.assertEqual(segment.GetName(), organ.name)
             for got, want in zip(segment.GetColor(), organ.color_float):
                 self.assertAlmostEqual(got, want, places=5)
-            self.assertEqual(segment_tag(segment, terminology_tag_name()), organ.terminology_entry())
-        self.assertGreater(sum(logic.lastRunInfo.voxel_counts.values()), 0)
+            self.assertEqual(segmentTag(segment, terminologyTagName()), organ.terminology_entry())
+        self.assertGreater(sum(logic.lastRunInfo.voxelCounts.values()), 0)
         self.assertAlmostEqual(fractions[-1], 1.0)
 
         labelmap = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLLabelMapVolumeNode")

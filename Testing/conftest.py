@@ -17,9 +17,9 @@ def mrml_scene():
     """A fresh vtkMRMLScene set as ``slicer.mrmlScene``, with the segmentation converters registered."""
     import slicer
 
-    from AbdomenKDSegLib.logic import register_segmentation_converters
+    from AbdomenKDSegLib.logic import registerSegmentationConverters
 
-    register_segmentation_converters()
+    registerSegmentationConverters()
     scene = slicer.vtkMRMLScene()
     slicer.mrmlScene = scene
     yield scene

@@ -28,6 +28,7 @@ from AbdomenKDSegLib.cli import main
 from AbdomenKDSegLib.errors import InputError, UsageError
 from AbdomenKDSegLib.inference import segment_file
 
+from bad_files import BAD_FILES
 from engine_helpers import DICOM_DIR, SAMPLE_CT, make_tiny_bundle
 
 NO_MODEL = "never-loaded.safetensors"  #: usage-error rows: the model must not be needed
@@ -175,7 +176,7 @@ def threads(value: str) -> Callable[[Path], Call]:
     return make
 
 
-# ----------------------------------------------------------------------------- makers: inputs
+# ----------------------------------------------------------------------------- makers: inputs (more in bad_files)
 def missing_input(d: Path) -> Call:
     return Call(d / "nothing-here.nii.gz", str(d / "labels.nii.gz"), api_kwargs={})
 
@@ -187,27 +188,12 @@ def image_input(name: str, image: Callable[[], sitk.Image]) -> Callable[[Path], 
     return make
 
 
-def two_d() -> sitk.Image:
-    return sitk.Image(64, 64, sitk.sitkInt16)
-
-
-def four_d() -> sitk.Image:
-    return sitk.Image([16, 16, 16, 3], sitk.sitkInt16)
-
-
 def vector() -> sitk.Image:
     return sitk.Image([16, 16, 16], sitk.sitkVectorFloat32, 3)
 
 
 def thin() -> sitk.Image:
     return sitk.Image([64, 64, 3], sitk.sitkInt16)
-
-
-def nan_volume() -> sitk.Image:
-    return sitk.GetImageFromArray(np.full((16, 24, 24), np.nan, dtype=np.float32))
-
-
-BAD_BUNDLE = "corrupt.safetensors"
 
 
 ROWS = [
@@ -238,12 +224,22 @@ ROWS = [
     Row("threads not a number", threads("two"), 2, ("--threads", "'two' is not a whole number")),
     # bad input images (defects 2-5 and the earlier ones)
     Row("input missing", missing_input, 1, ("input not found",), loads_model=True),
-    Row("2D image", image_input("flat.nii.gz", two_d), 1, ("expected a 3D volume",), loads_model=True),
-    Row("4D image", image_input("time.nii.gz", four_d), 1, ("expected a 3D volume",), loads_model=True),
     Row("vector image", image_input("rgb.mha", vector), 1, ("components per voxel",), loads_model=True),
     Row("too thin", image_input("thin.nii.gz", thin), 1, ("volume too small",), loads_model=True),
-    Row("NaN in NRRD", image_input("nan.nrrd", nan_volume), 1, ("NaN",), loads_model=True),
 ]
+
+
+def bad_file(make: Callable[[Path], Path]) -> Callable[[Path], Call]:
+    def call(d: Path) -> Call:
+        return Call(make(d), str(d / "labels.nii.gz"), api_kwargs={})
+
+    return call
+
+
+# broken files (truncated, data-short, NaN, empty, not an image, huge header, no body, ...): the same
+# table as the reader's own tests; a folder without DICOM is a folder of cases on the command line
+ROWS += [Row(name, bad_file(make), 1, words, loads_model=True)
+         for name, make, words in BAD_FILES if name != "folder without DICOM"]
 
 
 @pytest.fixture(scope="module")

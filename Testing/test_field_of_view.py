@@ -78,11 +78,11 @@ def test_logic_shows_the_warning_once_and_the_organ_volumes(mrml_scene, slab_pat
     assert sum(note.count("partial field of view") for note in info.notes()) == 1
     # volumes: voxel counts x the volume's voxel size (mL), organ order, only organs found
     voxel_ml = float(np.prod(volume.GetSpacing())) / 1000.0
-    expected = {o.name: info.voxel_counts[o.value] * voxel_ml for o in ORGANS if info.voxel_counts.get(o.value)}
-    assert info.volumes_ml == pytest.approx(expected)
-    assert list(info.volumes_ml) == [o.name for o in ORGANS if o.name in expected]
-    rows = info.volume_rows()
+    expected = {o.name: info.voxelCounts[o.value] * voxel_ml for o in ORGANS if info.voxelCounts.get(o.value)}
+    assert info.volumesMl == pytest.approx(expected)
+    assert list(info.volumesMl) == [o.name for o in ORGANS if o.name in expected]
+    rows = info.volumeRows()
     assert rows[: len(expected)] == [(name, f"{ml:.1f}") for name, ml in expected.items()]
-    assert rows[len(expected):] == [(name, "not found") for name in info.empty_organs]
+    assert rows[len(expected):] == [(name, "not found") for name in info.emptyOrgans]
     assert len(rows) == len(ORGANS)
     assert output.GetSegmentation().GetNumberOfSegments() == len(ORGANS)

@@ -28,15 +28,17 @@ from AbdomenKDSegLib.bundle import default_bundle_path
 from AbdomenKDSegLib.errors import BundleError, InputError
 from AbdomenKDSegLib.inference import segment_file
 from AbdomenKDSegLib.logic import (
+    STAGES,
     AbdomenKDSegLogic,
     SegmentationCancelled,
     WorkerError,
-    register_segmentation_converters,
-    segment_tag,
-    stage_progress,
-    terminology_tag_name,
+    registerSegmentationConverters,
+    segmentTag,
+    terminologyTagName,
 )
 from AbdomenKDSegLib.organs import BY_KEY, ORGANS
+from AbdomenKDSegLib.request import ProgressMap, SegmentRequest
+from AbdomenKDSegLib.worker_client import WorkerSettings, worker_environment
 
 from conftest import load_volume
 from engine_helpers import SAMPLE_CT, make_tiny_bundle
@@ -57,7 +59,7 @@ FLARE_ORDER = ["liver", "right_kidney", "spleen", "pancreas", "aorta", "inferior
 
 # ----------------------------------------------------------------------------- helpers
 def new_scene():
-    register_segmentation_converters()
+    registerSegmentationConverters()
     scene = slicer.vtkMRMLScene()
     slicer.mrmlScene = scene
     return scene
@@ -188,7 +190,7 @@ def test_segments_have_names_colors_and_terminology(main_run):
         assert segment.GetName() == organ.name
         assert segment.GetLabelValue() == value
         np.testing.assert_allclose(segment.GetColor(), np.array(organ.color) / 255.0, atol=1e-6)
-        tag = segment_tag(segment, "TerminologyEntry")
+        tag = segmentTag(segment, "TerminologyEntry")
         assert tag == organ.terminology_entry()
         entry = slicer.vtkSlicerTerminologyEntry()
         assert terminology.DeserializeTerminologyEntry(tag, entry)
@@ -205,7 +207,7 @@ def test_labelmap_export_equals_engine_label_map(main_run):
     assert np.array_equal(labels, main_run.reference)
     np.testing.assert_allclose(matrix_array(matrix), volume_matrix(main_run.volume), atol=1e-6)
     counts = np.bincount(main_run.reference.ravel(), minlength=14)
-    assert main_run.logic.lastRunInfo.voxel_counts == {v: int(counts[v]) for v in range(1, 14) if counts[v]}
+    assert main_run.logic.lastRunInfo.voxelCounts == {v: int(counts[v]) for v in range(1, 14) if counts[v]}
 
 
 def test_segmentation_geometry_is_the_input_volume_geometry(main_run):
@@ -247,7 +249,7 @@ def test_temporary_files_are_removed_and_run_info_kept(main_run):
     info = main_run.logic.lastRunInfo
     assert info.device == "cpu"
     assert {"coarse", "fine"} <= set(info.timings)
-    assert 0 < info.total_seconds <= main_run.seconds
+    assert 0 < info.totalSeconds <= main_run.seconds
     assert not main_run.logic.isRunning
 
 
@@ -266,7 +268,7 @@ def test_saving_to_seg_nrrd_keeps_names_colors_terminology(main_run, tmp_path):
         a, b = main_run.node.GetSegmentation().GetSegment(key), loaded.GetSegmentation().GetSegment(key)
         assert b.GetName() == a.GetName()
         np.testing.assert_allclose(b.GetColor(), a.GetColor(), atol=1e-6)
-        assert segment_tag(b, terminology_tag_name()) == BY_KEY[key].terminology_entry()
+        assert segmentTag(b, terminologyTagName()) == BY_KEY[key].terminology_entry()
     labels, _ = export_labels(scene, loaded, FLARE_ORDER, main_run.volume)
     assert np.array_equal(labels, main_run.reference)
     scene.RemoveNode(loaded)
@@ -486,17 +488,18 @@ def _run_worker(segment, *extra):
 def test_worker_reports_progress_and_result_as_json_lines():
     calls = {}
 
-    def fake_segment(inp, out, model, device, fine, organs, progress):
-        calls.update(inp=inp, out=out, model=model, device=device, fine=fine, organs=organs)
+    def fake_segment(request, progress):
+        calls.update(inp=request.input, out=request.output, model=request.model, device=request.device,
+                     fine=request.fine, organs=request.organs)
         for fraction in (0.0, 0.5, 0.5, 1.0):
             progress("coarse", fraction)
-        return SimpleNamespace(output_path=Path(out), device="cpu", timings={"coarse": 1.5},
+        return SimpleNamespace(output_path=request.output, device="cpu", timings={"coarse": 1.5},
                                voxel_counts={1: 10, 13: 2}, warnings=["careful"], backend="openvino")
 
     code, events = _run_worker(fake_segment, "--organs", "1, liver,13", "--no-fine", "--device", "cpu")
     assert code == 0
-    assert calls == {"inp": "in.nrrd", "out": "out.nrrd", "model": None, "device": "cpu", "fine": False,
-                     "organs": ["1", "liver", "13"]}
+    assert calls == {"inp": Path("in.nrrd"), "out": Path("out.nrrd"), "model": None, "device": "cpu", "fine": False,
+                     "organs": (1, 13)}
     assert [e["event"] for e in events] == ["started", "progress", "progress", "progress", "done"]
     assert [e["fraction"] for e in events if e["event"] == "progress"] == [0.0, 0.5, 1.0]
     assert events[-1] == {"event": "done", "output": "out.nrrd", "device": "cpu", "backend": "openvino",
@@ -519,27 +522,32 @@ def test_worker_turns_exceptions_into_one_error_event(exc, kind, code, text):
     assert [e["event"] for e in events].count("error") == 1
 
 
-def test_stage_progress_maps_engine_stages_to_increasing_overall_fractions():
+def test_progress_map_turns_stages_into_increasing_overall_fractions():
     order = [("export", 0), ("started", 0), ("orient", 0), ("coarse", 0), ("coarse", 1), ("fine", 0.5),
              ("fine", 1), ("resample", 1), ("done", 1), ("import", 0), ("import", 1)]
-    overall = [stage_progress(s, f)[1] for s, f in order]
+    progress = ProgressMap(STAGES)
+    overall = [progress(s, f)[1] for s, f in order]
     assert overall == sorted(overall) and overall[0] == 0.0 and overall[-1] == 1.0
-    assert stage_progress("coarse", 0.5)[0] == "Coarse segmentation"
-    assert stage_progress("something_new", 0.5) == ("Something new", None)
+    assert progress("coarse", 0.5) == ("Coarse segmentation", 1.0)  # never back
+    assert ProgressMap(STAGES)("coarse", 0.5)[0] == "Coarse segmentation"
+    assert progress("something_new", 0.5) == ("Something new", 1.0)
 
 
 def test_worker_command_lists_the_options():
     logic = AbdomenKDSegLogic()
     logic.threads = 3
-    organs = [BY_KEY["liver"], BY_KEY["aorta"]]
-    cmd = logic.worker_command(Path("/t/in.nrrd"), Path("/t/out.nrrd"), "cuda", organs, Path("/m.safetensors"), False)
+    request = SegmentRequest("/t/in.nrrd", "/t/out.nrrd", model="/m.safetensors", device="cuda",
+                             organs=["liver", "aorta"], fine=False, threads=logic.threads)
+    cmd = logic.workerSettings().command(request, serve=False)
     assert cmd[:3] == [logic.pythonExecutable, "-m", "AbdomenKDSegLib.worker"]
     assert cmd[3:] == ["--input", "/t/in.nrrd", "--output", "/t/out.nrrd", "--device", "cuda",
-                       "--parent-pid", str(os.getpid()), "--watch-stdin", "--organs", "1,5",
-                       "--model", "/m.safetensors", "--no-fine", "--threads", "3"]
-    all_organs = logic.worker_command(Path("i"), Path("o"), "auto", list(ORGANS), None, True)
+                       "--organs", "1,5", "--model", "/m.safetensors", "--no-fine", "--threads", "3",
+                       "--parent-pid", str(os.getpid()), "--watch-stdin"]
+    all_organs = logic.workerSettings().command(SegmentRequest("i", "o", organs=list(ORGANS)), serve=False)
     assert "--organs" not in all_organs and "--model" not in all_organs
-    env = logic.worker_environment()
+    serve = logic.workerSettings().command(request, serve=True)
+    assert serve[3:] == ["--serve", "--threads", "3", "--parent-pid", str(os.getpid()), "--watch-stdin"]
+    env = worker_environment()
     assert env["PYTHONPATH"].split(os.pathsep)[0] == str(Path(__file__).resolve().parents[1] / "AbdomenKDSeg")
 
 
@@ -600,13 +608,13 @@ def coarse_run(tiny_bundle):
     segments = [coarse.GetSegmentation().GetSegment(key) for key in segment_ids(coarse)]
     first = SimpleNamespace(
         ids=segment_ids(coarse), labels=export_labels(scene, coarse, FLARE_ORDER, volume),
-        segments=[(s.GetName(), s.GetLabelValue(), s.GetColor(), segment_tag(s, terminology_tag_name()))
+        segments=[(s.GetName(), s.GetLabelValue(), s.GetColor(), segmentTag(s, terminologyTagName()))
                   for s in segments],
         output_labels=export_labels(scene, output, FLARE_ORDER, volume)[0], state=scene_state(scene))
     # second run: the attribute is off, the per-call override on, the output node reused, two organs
     second_logic = make_logic()
     second_output = second_logic.segment(volume, output, device="cpu", model=tiny_bundle,
-                                         organs=["liver", "aorta"], keepCoarse=True)
+                                         organs=["liver", "aorta"], keepCoarseResult=True)
     return SimpleNamespace(scene=scene, volume=volume, user_node=user_node, logic=logic, logs=logs, output=output,
                            coarse=coarse, first=first, second_logic=second_logic, second_output=second_output)
 
@@ -727,15 +735,14 @@ def test_missing_coarse_label_map_fails_without_touching_any_node(mrml_scene, tm
 def test_worker_passes_the_coarse_output_through():
     calls = {}
 
-    def fake_segment(inp, out, model, device, fine, organs, progress, coarse_output):
-        calls["coarse_output"] = coarse_output
-        return SimpleNamespace(output_path=Path(out), device="cpu", timings={}, voxel_counts={}, warnings=[],
-                               coarse_output_path=Path(coarse_output))
+    def fake_segment(request, progress):
+        calls["coarse_output"] = request.coarse_output
+        return SimpleNamespace(output_path=request.output, device="cpu", timings={}, voxel_counts={}, warnings=[],
+                               coarse_output_path=request.coarse_output)
 
     code, events = _run_worker(fake_segment, "--coarse-output", "coarse.nrrd")
-    assert code == 0 and calls == {"coarse_output": "coarse.nrrd"}
+    assert code == 0 and calls == {"coarse_output": Path("coarse.nrrd")}
     assert events[-1]["event"] == "done" and events[-1]["coarse_output"] == "coarse.nrrd"
-    logic = AbdomenKDSegLogic()
-    cmd = logic.worker_command(Path("/t/in.nrrd"), Path("/t/out.nrrd"), "cpu", list(ORGANS), None, True,
-                               coarse_output=Path("/t/coarse.nrrd"))
+    request = SegmentRequest("/t/in.nrrd", "/t/out.nrrd", device="cpu", coarse_output="/t/coarse.nrrd")
+    cmd = WorkerSettings().command(request, serve=False)
     assert cmd[cmd.index("--coarse-output") + 1] == "/t/coarse.nrrd"

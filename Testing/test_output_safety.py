@@ -24,10 +24,10 @@ from AbdomenKDSegLib.logic import (
     AbdomenKDSegLogic,
     OtherVolumeError,
     RunInfo,
-    organ_of_segment,
-    segment_tag,
-    terminology_codes,
-    terminology_tag_name,
+    organOfSegment,
+    segmentTag,
+    terminologyCodes,
+    terminologyTagName,
 )
 from AbdomenKDSegLib.organs import BY_KEY, ORGANS
 
@@ -79,7 +79,7 @@ def add_user_segment(node, segment_id: str, name: str, volume) -> None:
     segment = slicer.vtkSegment()
     segment.SetName(name)
     segment.SetColor(1.0, 1.0, 0.0)
-    segment.SetTag(terminology_tag_name(), TUMOR_ENTRY)
+    segment.SetTag(terminologyTagName(), TUMOR_ENTRY)
     segment.AddRepresentation("Binary labelmap", image)
     assert node.GetSegmentation().AddSegment(segment, segment_id)
 
@@ -98,8 +98,8 @@ def test_organ_segments_carry_the_module_tag_and_the_node_its_volume(first_run):
     assert node.GetAttribute(INPUT_VOLUME_ATTRIBUTE) == volume.GetID()
     for key in ORGAN_KEYS:
         segment = node.GetSegmentation().GetSegment(key)
-        assert segment_tag(segment, ORGAN_TAG) == key
-        assert organ_of_segment(segment, key) is BY_KEY[key]
+        assert segmentTag(segment, ORGAN_TAG) == key
+        assert organOfSegment(segment, key) is BY_KEY[key]
 
 
 def test_rerun_keeps_user_segments_and_replaces_organs_without_duplicates(first_run, tiny_bundle):
@@ -110,7 +110,7 @@ def test_rerun_keeps_user_segments_and_replaces_organs_without_duplicates(first_
     # An organ segment the user changed into something else (renamed, re-coded) is the user's now.
     relabelled = node.GetSegmentation().GetSegment("gallbladder")
     relabelled.SetName("My cyst")
-    relabelled.SetTag(terminology_tag_name(), TUMOR_ENTRY)
+    relabelled.SetTag(terminologyTagName(), TUMOR_ENTRY)
     cyst_before = labelmap_of(node, "gallbladder")
     logs: list[str] = []
     result = make_logic(logs).segment(volume, node, device="cpu", model=tiny_bundle)
@@ -120,12 +120,12 @@ def test_rerun_keeps_user_segments_and_replaces_organs_without_duplicates(first_
     assert np.array_equal(labelmap_of(node, "tumor"), tumor_before)
     assert node.GetSegmentation().GetSegment("gallbladder").GetName() == "My cyst"
     assert np.array_equal(labelmap_of(node, "gallbladder"), cyst_before)
-    organ_ids = [i for i in ids if organ_of_segment(node.GetSegmentation().GetSegment(i), i) is not None]
+    organ_ids = [i for i in ids if organOfSegment(node.GetSegmentation().GetSegment(i), i) is not None]
     assert len(organ_ids) == len(ORGANS)  # each organ once: replaced, not duplicated
     names = [node.GetSegmentation().GetSegment(i).GetName() for i in organ_ids]
     assert sorted(names) == sorted(o.name for o in ORGANS)
     assert len(ids) == len(ORGANS) + 2
-    new_gallbladder = next(i for i in organ_ids if segment_tag(node.GetSegmentation().GetSegment(i),
+    new_gallbladder = next(i for i in organ_ids if segmentTag(node.GetSegmentation().GetSegment(i),
                                                                ORGAN_TAG) == "gallbladder")
     assert new_gallbladder != "gallbladder"  # the user's segment keeps its ID
     for key in ORGAN_KEYS:  # the same model on the same CT: the same organs
@@ -145,7 +145,7 @@ def test_segments_of_an_earlier_version_without_the_tag_are_still_replaced(first
     volume, node, _ = first_run
     for key in ORGAN_KEYS:
         node.GetSegmentation().GetSegment(key).RemoveTag(ORGAN_TAG)
-    assert all(organ_of_segment(node.GetSegmentation().GetSegment(k), k) is not None for k in ORGAN_KEYS)
+    assert all(organOfSegment(node.GetSegmentation().GetSegment(k), k) is not None for k in ORGAN_KEYS)
     make_logic().segment(volume, node, device="cpu", model=tiny_bundle)
     assert segment_ids(node) == ORGAN_KEYS
 
@@ -162,24 +162,24 @@ def test_the_organ_tag_survives_saving_as_seg_nrrd(first_run, tmp_path, mrml_sce
     assert reader.ReadData(loaded)
     for key in ORGAN_KEYS:
         segment = loaded.GetSegmentation().GetSegment(key)
-        assert segment_tag(segment, ORGAN_TAG) == key and organ_of_segment(segment, key) is BY_KEY[key]
+        assert segmentTag(segment, ORGAN_TAG) == key and organOfSegment(segment, key) is BY_KEY[key]
 
 
 def test_organ_of_segment_rules(mrml_scene):
     liver = BY_KEY["liver"]
     segment = slicer.vtkSegment()
-    assert organ_of_segment(segment, "liver") is None  # no terminology: a user's "liver"
-    segment.SetTag(terminology_tag_name(), liver.terminology_entry())
-    assert organ_of_segment(segment, "liver") is liver  # an earlier version's segment
-    assert organ_of_segment(segment, "Segment_1") is None
+    assert organOfSegment(segment, "liver") is None  # no terminology: a user's "liver"
+    segment.SetTag(terminologyTagName(), liver.terminology_entry())
+    assert organOfSegment(segment, "liver") is liver  # an earlier version's segment
+    assert organOfSegment(segment, "Segment_1") is None
     segment.SetTag(ORGAN_TAG, "liver")
-    assert organ_of_segment(segment, "Segment_1") is liver
+    assert organOfSegment(segment, "Segment_1") is liver
     renamed_meaning = liver.terminology_entry().replace("^Liver~", "^Hepar~")
-    segment.SetTag(terminology_tag_name(), renamed_meaning)
-    assert organ_of_segment(segment, "x") is liver  # codes, not meanings, are compared
-    segment.SetTag(terminology_tag_name(), TUMOR_ENTRY)
-    assert organ_of_segment(segment, "liver") is None
-    assert terminology_codes("") == ()
+    segment.SetTag(terminologyTagName(), renamed_meaning)
+    assert organOfSegment(segment, "x") is liver  # codes, not meanings, are compared
+    segment.SetTag(terminologyTagName(), TUMOR_ENTRY)
+    assert organOfSegment(segment, "liver") is None
+    assert terminologyCodes("") == ()
 
 
 # ----------------------------------------------------------------------------- other volumes
@@ -231,10 +231,10 @@ def test_a_warning_names_the_volume_once_and_the_run_info_says_the_runtime(mrml_
     assert non_ct[0].startswith("Warning: volume 'CT shifted': intensities")
     assert all("input.nrrd" not in line and "AbdomenKDSeg-" not in line for line in logs
                if not line.startswith(("Starting worker:", "Worker request ")))
-    assert info.volume_name == "CT shifted"
+    assert info.volumeName == "CT shifted"
     assert any(w.startswith("volume 'CT shifted': intensities") for w in info.warnings)
     assert len(info.warnings) == len(set(info.warnings))
-    assert info.empty_organs == [o.name for o in ORGANS if o.value not in info.voxel_counts]
+    assert info.emptyOrgans == [o.name for o in ORGANS if o.value not in info.voxelCounts]
     assert info.notes()[:len(info.warnings)] == [f"Warning: {w}" for w in info.warnings]
     assert info.backend in ("torch", "onnx", "openvino")
     assert " on CPU" in info.summary()
@@ -255,8 +255,8 @@ def test_a_worker_error_names_the_volume(mrml_scene, tiny_bundle):
 
 
 def test_run_info_summary_and_notes():
-    info = RunInfo(device="cuda", backend="torch", timings={"coarse": 1.0, "read": 0.01}, total_seconds=3.04,
-                   warnings=["volume 'CT': oblique"], empty_organs=["Gallbladder"])
+    info = RunInfo(device="cuda", backend="torch", timings={"coarse": 1.0, "read": 0.01}, totalSeconds=3.04,
+                   warnings=["volume 'CT': oblique"], emptyOrgans=["Gallbladder"])
     assert info.summary() == "3.0 s, PyTorch on CUDA (coarse 1.0 s)"
-    assert RunInfo(device="cpu", backend="openvino", total_seconds=1).summary() == "1.0 s, OpenVINO on CPU"
+    assert RunInfo(device="cpu", backend="openvino", totalSeconds=1).summary() == "1.0 s, OpenVINO on CPU"
     assert info.notes() == ["Warning: volume 'CT': oblique", "Not found in this image (empty segments): Gallbladder"]

@@ -14,7 +14,6 @@ import signal
 import sys
 import threading
 import time
-from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
@@ -102,7 +101,7 @@ def test_second_run_reuses_the_worker_and_equals_a_one_shot_run(mrml_scene, bund
         assert any(line.startswith("Starting worker:") and "--serve" not in line for line in one_shot_logs)
         got, want = labels_of(mrml_scene, reused, second), labels_of(mrml_scene, fresh, second)
         assert want.any() and np.array_equal(got, want)
-        assert logic.lastRunInfo.voxel_counts == one_shot.lastRunInfo.voxel_counts
+        assert logic.lastRunInfo.voxelCounts == one_shot.lastRunInfo.voxelCounts
         # ... and a worker that went back to model A still matches model A's run
         again = logic.segment(first, device="cpu", model=bundles.a)
         assert logic.workerPid == pid
@@ -287,12 +286,12 @@ def test_serve_answers_each_request_and_ends_after_an_unexpected_failure(monkeyp
         def __init__(self, threads: int) -> None:
             self.threads = threads
 
-        def segment(self, inp, out, **kwargs):
-            calls.append({"input": inp, **kwargs})
+        def segment(self, request, progress):
+            calls.append(request)
             outcome = next(outcomes)
             if isinstance(outcome, BaseException):
                 raise outcome
-            return SimpleNamespace(output_path=Path(out), device="cpu", timings={}, voxel_counts={1: 3},
+            return SimpleNamespace(output_path=request.output, device="cpu", timings={}, voxel_counts={1: 3},
                                    warnings=[], backend="torch")
 
     stream = io.StringIO()
@@ -320,8 +319,8 @@ def test_serve_answers_each_request_and_ends_after_an_unexpected_failure(monkeyp
     lines = [json.loads(line) for line in stream.getvalue().splitlines()[1:]]
     ends = [(e["event"], e.get("request"), e.get("type")) for e in lines if e["event"] in ("done", "error")]
     assert ends == [("done", 1, None), ("error", 2, "InputError"), ("error", 3, "MemoryError")]
-    assert [c["input"] for c in calls] == ["in1.nrrd", "in2.nrrd", "in3.nrrd"]
-    assert all(c["backend"] == "torch" and c["fine"] is False for c in calls)
+    assert [str(c.input) for c in calls] == ["in1.nrrd", "in2.nrrd", "in3.nrrd"]
+    assert all(c.backend == "torch" and c.fine is False and c.threads == 2 for c in calls)
 
 
 def test_serve_needs_the_key_and_ends_when_the_connection_closes(tmp_path):

@@ -75,12 +75,6 @@ def parameter_fields(tree: ast.Module) -> dict[str, str]:
     return {n.target.id: ast.unparse(n.annotation) for n in cls.body if isinstance(n, ast.AnnAssign)}
 
 
-def module_constant(tree: ast.Module, name: str):
-    node = next(n for n in tree.body if isinstance(n, ast.Assign) and any(
-        isinstance(t, ast.Name) and t.id == name for t in n.targets))
-    return ast.literal_eval(node.value)
-
-
 # ----------------------------------------------------------------------------- tests
 def test_every_widget_used_by_the_module_exists_in_the_ui(module_ast):
     used = ui_names_used(module_ast)
@@ -158,19 +152,19 @@ def test_keep_coarse_check_box_is_under_the_fine_stage_one():
 
 
 def test_keep_coarse_is_passed_to_the_logic_and_needs_the_fine_stage(module_ast):
-    """The widget passes keepCoarse=<parameter> to logic.segment and enables the box from fineStage."""
+    """The widget passes keepCoarseResult=<parameter> to logic.segment and enables the box from fineStage."""
     segment_calls = [n for n in ast.walk(module_ast) if isinstance(n, ast.Call) and isinstance(n.func, ast.Attribute)
                      and n.func.attr == "segment"]
     keywords = {k.arg: ast.unparse(k.value) for call in segment_calls for k in call.keywords}
-    assert keywords.get("keepCoarse") == "parameters.keepCoarseResult"
+    assert keywords.get("keepCoarseResult") == "parameters.keepCoarseResult"
     enabling = [n for n in ast.walk(module_ast) if isinstance(n, ast.Assign)
                 and any(ast.unparse(t) == "self.ui.keepCoarseCheckBox.enabled" for t in n.targets)]
     assert [ast.unparse(n.value) for n in enabling] == ["self._parameterNode.fineStage"]
 
 
-def test_parameter_names_in_the_ui_match_the_parameter_node(module_ast):
+def test_parameter_names_in_the_ui_match_the_parameter_node(module_ast, loaded_module):
     fields = parameter_fields(module_ast)
-    choices = module_constant(module_ast, "DEVICE_CHOICES")
+    choices = loaded_module["device_choices"]  # DEVICE_CHOICES, from the engine's device table
     bound = {prop(w, "SlicerParameterName"): w for w in ui_widgets().values() if prop(w, "SlicerParameterName")}
     assert set(bound) == {"inputVolume", "outputSegmentation", "device", "fineStage", "keepCoarseResult"}
     for name, widget in bound.items():
@@ -375,7 +369,7 @@ def test_model_line_packages_and_volumes_in_the_panel(module_ast):
     columns = [c.find("property/string").text for c in w["volumesTableWidget"].findall("column")]
     assert columns == ["Organ", "Volume (mL)"]
     source = ast.unparse(module_ast)
-    assert "self._showVolumes(info.volume_rows())" in source
+    assert "self._showVolumes(info.volumeRows())" in source
     assert "model_card.describe_model(path)" in source
     assert "self.ui.demonstrationNoteLabel.setVisible(demonstration)" in source
     assert "dependencies.package_status(required, optional)" in source

@@ -21,10 +21,11 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from AbdomenKDSegLib import logic as logic_module
 from AbdomenKDSegLib import worker as worker_module
+from AbdomenKDSegLib import worker_client
 from AbdomenKDSegLib.logic import AbdomenKDSegLogic
 from AbdomenKDSegLib.organs import ORGANS
+from AbdomenKDSegLib.request import SegmentRequest
 
 from conftest import load_volume
 from engine_helpers import make_tiny_bundle
@@ -118,9 +119,9 @@ SLICER_STAND_IN = textwrap.dedent("""
     sys.path.insert(0, testing)
     import slicer
     from conftest import load_volume
-    from AbdomenKDSegLib.logic import AbdomenKDSegLogic, register_segmentation_converters
+    from AbdomenKDSegLib.logic import AbdomenKDSegLogic, registerSegmentationConverters
 
-    register_segmentation_converters()
+    registerSegmentationConverters()
     scene = slicer.vtkMRMLScene()
     slicer.mrmlScene = scene
     logs = []
@@ -229,9 +230,9 @@ def test_windows_cancel_ends_the_tree_with_taskkill(monkeypatch):
         FakeProcess.alive = False
         return SimpleNamespace(returncode=0)
 
-    monkeypatch.setattr(logic_module.os, "name", "nt")
-    monkeypatch.setattr(logic_module.subprocess, "run", fake_run)
-    logic_module.kill_process_tree(FakeProcess())
+    monkeypatch.setattr(worker_client.os, "name", "nt")
+    monkeypatch.setattr(worker_client.subprocess, "run", fake_run)
+    worker_client.kill_process_tree(FakeProcess())
     monkeypatch.undo()
     assert calls == [["taskkill", "/F", "/T", "/PID", "4321"]]
 
@@ -239,6 +240,6 @@ def test_windows_cancel_ends_the_tree_with_taskkill(monkeypatch):
 def test_worker_command_through_a_launcher_command():
     logic = AbdomenKDSegLogic()
     logic.pythonExecutable = [sys.executable, str(LAUNCHER)]
-    cmd = logic.worker_command(Path("i.nrrd"), Path("o.nrrd"), "cpu", list(ORGANS), None, True)
+    cmd = logic.workerSettings().command(SegmentRequest("i.nrrd", "o.nrrd", device="cpu"), serve=False)
     assert cmd[:4] == [sys.executable, str(LAUNCHER), "-m", "AbdomenKDSegLib.worker"]
     assert cmd[cmd.index("--parent-pid") + 1] == str(os.getpid()) and "--watch-stdin" in cmd

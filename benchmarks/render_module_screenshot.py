@@ -21,7 +21,7 @@ from pathlib import Path
 import slicer
 import vtk
 
-from AbdomenKDSegLib.logic import AbdomenKDSegLogic, register_segmentation_converters
+from AbdomenKDSegLib.logic import AbdomenKDSegLogic, registerSegmentationConverters
 from AbdomenKDSegLib.model_card import default_model_path, model_name, read_model_card
 from AbdomenKDSegLib.organs import ORGANS
 from AbdomenKDSegLib.render3d import render_figure
@@ -57,7 +57,7 @@ def main() -> int:
     args = parser.parse_args()
     assert [o.value for o in ORGANS] == list(range(1, len(ORGANS) + 1)), "organ order must be the FLARE22 order"
 
-    register_segmentation_converters()
+    registerSegmentationConverters()
     scene = slicer.vtkMRMLScene()
     slicer.mrmlScene = scene
     volume = read_volume(scene, args.image)
@@ -70,7 +70,7 @@ def main() -> int:
         if shutdown is not None:
             shutdown()
     info = logic.lastRunInfo
-    for name, ml in info.volumes_ml.items():
+    for name, ml in info.volumesMl.items():
         print(f"  {name:<22}{ml:>9.1f} mL")
 
     labelmap = scene.AddNewNodeByClass("vtkMRMLLabelMapVolumeNode", "module result")

@@ -2,7 +2,7 @@
 
 Runs the real :class:`AbdomenKDSegLib.logic.AbdomenKDSegLogic` on real MRML (slicer-core): each run
 exports the volume node, has the worker segment it (CPU, default model, default backend) and imports
-the 13 segments into a segmentation node. The time is ``RunInfo.total_seconds`` (from the
+the 13 segments into a segmentation node. The time is ``RunInfo.totalSeconds`` (from the
 ``segment`` call to the imported segments, as the panel shows it).
 
 Scenarios, each with a fresh logic (so run 1 starts a new worker):
@@ -60,7 +60,7 @@ def timed_run(logic: Any, scene: Any, volume: Any) -> dict[str, Any]:
     info = logic.lastRunInfo
     segments = node.GetSegmentation().GetNumberOfSegments()
     scene.RemoveNode(node)
-    return {"seconds": round(info.total_seconds, 3), "wall_seconds": round(wall, 3),
+    return {"seconds": round(info.totalSeconds, 3), "wall_seconds": round(wall, 3),
             "worker_pid": logic.workerPid, "backend": info.backend, "device": info.device, "segments": segments,
             "engine_seconds": round(sum(info.timings.values()), 3)}
 
@@ -75,11 +75,11 @@ def main(argv: list[str] | None = None) -> int:
     import slicer
 
     from AbdomenKDSegLib.bundle import default_bundle_path
-    from AbdomenKDSegLib.logic import register_segmentation_converters
+    from AbdomenKDSegLib.logic import registerSegmentationConverters
 
     from conftest import load_volume
 
-    register_segmentation_converters()
+    registerSegmentationConverters()
     scene = slicer.vtkMRMLScene()
     slicer.mrmlScene = scene
     volumes = {name: load_volume(scene, path, name) for name, path in INPUTS.items()}
@@ -129,7 +129,7 @@ def main(argv: list[str] | None = None) -> int:
                                  ("target_met", "run 2 <= half run 1")])
     data = {
         "benchmark": "slicer_worker_speed",
-        "what": "seconds from AbdomenKDSegLogic.segment() to the imported segments (RunInfo.total_seconds), "
+        "what": "seconds from AbdomenKDSegLogic.segment() to the imported segments (RunInfo.totalSeconds), "
                 "CPU, default model and backend, real MRML (slicer-core)",
         "model": str(default_bundle_path()),
         "launcher": bool(args.launcher),

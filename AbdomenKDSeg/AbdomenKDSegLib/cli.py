@@ -13,10 +13,7 @@ from typing import Callable, Sequence
 from . import __version__, output_paths
 from .errors import AbdomenKDSegError, InputError, UsageError
 from .image_io import dicom_series_files, has_image_suffix
-
-#: Overall progress fraction at which each stage starts and ends (for one progress bar).
-STAGE_SPAN = {"orient": (0.0, 0.05), "coarse": (0.05, 0.55), "fine": (0.55, 0.9),
-              "resample": (0.9, 0.98), "coarse_resample": (0.98, 0.98), "done": (0.98, 1.0)}
+from .request import BACKENDS, DEVICES, ProgressMap
 
 
 def _format_warning(message, category, filename, lineno, file=None, line=None) -> str:  # noqa: ANN001
@@ -43,10 +40,12 @@ def find_cases(folder: Path) -> list[Path]:
 
 class StageProgress:
     """Turns (stage, fraction) callbacks into one tqdm bar per case, shown from the first update on
-    (so an input rejected while reading leaves only its error message)."""
+    (so an input rejected while reading leaves only its error message). ``fine``/``coarse_output``:
+    the stages that run (:class:`request.ProgressMap`)."""
 
-    def __init__(self, desc: str, disable: bool) -> None:
+    def __init__(self, desc: str, disable: bool, fine: bool = True, coarse_output: bool = False) -> None:
         self.desc, self.disable, self.bar = desc, disable, None
+        self.map = ProgressMap(fine=fine, coarse_output=coarse_output)
 
     def __call__(self, stage: str, fraction: float) -> None:
         if self.bar is None:
@@ -54,8 +53,7 @@ class StageProgress:
 
             self.bar = tqdm(total=100, desc=self.desc, unit="%", disable=self.disable, leave=False,
                             bar_format="{desc}: {percentage:3.0f}%|{bar}| {postfix} [{elapsed}]")
-        lo, hi = STAGE_SPAN.get(stage, (0.0, 1.0))
-        target = 100.0 * (lo + (hi - lo) * min(max(fraction, 0.0), 1.0))
+        target = 100.0 * self.map(stage, fraction)[1]
         self.bar.set_postfix_str(stage, refresh=False)
         self.bar.update(max(0.0, target - self.bar.n))
 
@@ -91,7 +89,7 @@ class CaseJob:
 
     input: Path
     output: Path
-    coarse: Path | None = None
+    coarse_output: Path | None = None
     preview: Path | None = None
 
     @property
@@ -153,11 +151,11 @@ def plan_segment(args: argparse.Namespace) -> SegmentPlan:
             path = target / f"{job.name}{suffix}" if as_folder else target
             output_paths.check_output_file(path, inputs, args.overwrite, what, suffixes,
                                            parent_checked=as_folder)
-            setattr(job, {"output": "output", "coarse output": "coarse", "preview": "preview"}[what], path)
+            setattr(job, what.replace(" ", "_"), path)
     for job in plan.jobs:
-        if job.coarse is not None and job.coarse.absolute() == job.output.absolute():
-            raise UsageError(f"--coarse-output {job.coarse} is the same file as the output: the coarse label maps "
-                             "would replace the fine ones; give another name or folder")
+        if job.coarse_output is not None and job.coarse_output.absolute() == job.output.absolute():
+            raise UsageError(f"--coarse-output {job.coarse_output} is the same file as the output: the coarse "
+                             "label maps would replace the fine ones; give another name or folder")
     return plan
 
 
@@ -173,12 +171,13 @@ def cmd_segment(args: argparse.Namespace) -> int:
                           backend=args.backend)
     failed: list[tuple[str, str]] = []
     for job in plan.jobs:
-        bar = StageProgress(job.name, disable=args.quiet)
+        bar = StageProgress(job.name, disable=args.quiet, fine=not args.no_fine,
+                            coarse_output=job.coarse_output is not None)
         started = time.perf_counter()
         try:
             result = segment_file(job.input, job.output, device=args.device, fine=not args.no_fine,
-                                  organs=plan.organs, progress=bar, predictor=predictor, coarse_output=job.coarse,
-                                  overwrite=args.overwrite)
+                                  organs=plan.organs, progress=bar, predictor=predictor,
+                                  coarse_output=job.coarse_output, overwrite=args.overwrite)
         except AbdomenKDSegError as exc:
             bar.close()
             if not plan.batch:
@@ -271,7 +270,7 @@ def build_parser() -> argparse.ArgumentParser:
                                     "folder (ending in / or existing; created if missing) that receives "
                                     "<case>.nii.gz; a folder for a folder of cases")
     seg.add_argument("--model", default=None, help="model bundle (.safetensors); default: the bundled model")
-    seg.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"],
+    seg.add_argument("--device", default="auto", choices=DEVICES,
                      help="auto (default): CUDA when a GPU is available, else the CPU; cuda without a GPU "
                           "runs on the CPU with a warning")
     seg.add_argument("--preview", default=None, metavar="PNG",
@@ -287,7 +286,7 @@ def build_parser() -> argparse.ArgumentParser:
                      help="also write the coarse stage's result at full resolution here, to compare with the "
                           "fine one (a folder, one <case>.nii.gz per case, for a folder of cases); "
                           "not written with --no-fine, whose output already is the coarse result")
-    seg.add_argument("--backend", default="auto", choices=["auto", "torch", "onnx", "openvino"],
+    seg.add_argument("--backend", default="auto", choices=BACKENDS,
                      help="network runtime on the CPU: auto = OpenVINO, else ONNX Runtime, whichever is "
                           "installed first, else PyTorch (the CUDA path always uses PyTorch)")
     seg.add_argument("--no-channels-last", action="store_true", help="disable channels_last_3d on CPU (torch)")

@@ -27,19 +27,23 @@ import numpy as np
 import SimpleITK as sitk
 import torch
 
+from .body_mask import check_has_body
 from .bundle import ModelBundle, load_bundle
-from .errors import InputError, UsageError
+from .errors import AbdomenKDSegError, InputError, UsageError
 from .geometry import crop_box, from_canonical, to_canonical
-from .image_io import PathLike, read_image, validate_ct, write_image_atomic
+from .image_io import PathLike, read_image, validate_ct, was_validated, write_image_atomic
 from .organs import BY_VALUE, resolve_organs
 from .output_paths import check_output_file
 from .postprocess import largest_component_per_class
 from .preprocess import PAD_HU, clip_and_zscore, pad_to_min_size, resize_argmax, resize_volume
+from .request import BACKENDS, check_backend, resolve_device_name  # noqa: F401  (BACKENDS: re-exported)
 
-#: Inference backends: "auto" (fastest installed on the CPU), PyTorch, ONNX Runtime, OpenVINO.
-BACKENDS = ("auto", "torch", "onnx", "openvino")
 #: ``progress(stage, fraction)``: stage is a short human-readable name, fraction in [0, 1].
 ProgressCallback = Callable[[str, float], None]
+#: The error :meth:`Predictor.predict` raises for a numpy array.
+NUMPY_INPUT_MESSAGE = ("Predictor.predict takes a SimpleITK image (with spacing, origin and direction), not a numpy "
+                       "array: use sitk.GetImageFromArray(array) and set its spacing, or "
+                       "predict_canonical(array, spacing_zyx)")
 
 
 class EmptyCoarseWarning(UserWarning):
@@ -137,17 +141,17 @@ class SegmentationResult:
         return {v: n * self.voxel_volume_ml for v, n in self.voxel_counts.items()}
 
 
-def resolve_device(device: str | torch.device = "auto") -> torch.device:
-    """``"auto"`` -> CUDA if available else CPU; ``"cuda"`` without CUDA -> CPU with a warning."""
-    name = str(device).lower()
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
+def resolve_device(device: str | torch.device = "auto", fallback: bool = True) -> torch.device:
+    """``"auto"`` -> CUDA if available else CPU; ``"cuda"`` without CUDA -> CPU with a warning, or
+    with ``fallback=False`` an error. Other names: :func:`request.resolve_device_name` (UsageError)."""
+    available = torch.cuda.is_available()
+    name = resolve_device_name(device, available)
+    if name.startswith("cuda") and not available:
+        if not fallback:
+            raise AbdomenKDSegError("CUDA was requested but is not available")
         warnings.warn("CUDA was requested but is not available; running on the CPU",
                       DeviceFallbackWarning, stacklevel=2)
         return torch.device("cpu")
-    if name != "cpu" and not name.startswith("cuda"):
-        raise ValueError(f"unknown device {device!r}; use auto, cpu or cuda")
     return torch.device(name)
 
 
@@ -225,8 +229,7 @@ class Predictor:
     def _select_backend(self, backend: str) -> str:
         """The backend that runs the networks: "torch" on CUDA or when asked for; on the CPU the
         one asked for, or with "auto" the fastest installed: "openvino", then "onnx", then "torch"."""
-        if backend not in BACKENDS:
-            raise ValueError(f"unknown backend {backend!r}; use {', '.join(BACKENDS)}")
+        backend = check_backend(backend)
         if self.device.type != "cpu" or backend == "torch":
             return "torch"
         if backend != "auto":
@@ -344,6 +347,10 @@ class Predictor:
                           fine: bool = True, keep_coarse: bool = False) -> tuple[np.ndarray, PredictionInfo]:
         """Labels (Z, Y, X, uint8) for a canonical HU array with voxel spacing ``spacing_zyx`` (mm).
 
+        Before the networks run, :func:`body_mask.check_has_body` raises :class:`InputError` for an
+        image with nothing to segment (constant, no body, no soft tissue) and finds the patient's
+        body: no label is kept outside it (air, the scanner table), neither in the coarse map the
+        fine crop box comes from nor in the outputs.
         ``keep_coarse`` (fine stage on only): also map the coarse result to full resolution into
         ``info.coarse_labels`` (same shape and dtype), costing one more full-size resize + argmax.
         """
@@ -352,7 +359,11 @@ class Predictor:
         if on_gpu:
             torch.cuda.reset_peak_memory_stats(self.device)
         t0 = time.perf_counter()
+        body = check_has_body(canonical, spacing_zyx)
+        info.timings["body"] = time.perf_counter() - t0
+        t0 = time.perf_counter()
         coarse_probs, coarse_labels = self.predict_coarse(canonical)
+        coarse_labels = coarse_labels * body.on_grid(coarse_labels.shape)
         info.timings["coarse"] = time.perf_counter() - t0
         out = np.zeros(canonical.shape, dtype=np.uint8)
         t0 = time.perf_counter()
@@ -364,16 +375,20 @@ class Predictor:
                 info.warnings.append(msg)
             box = crop_box(coarse_labels > 0, canonical.shape, spacing_zyx, self.padding, self.fallback_mm)
             out[box] = self.predict_fine(canonical, box)
+            body.apply(out, box)
             info.crop_box = box
             info.timings["fine"] = time.perf_counter() - t0
             if keep_coarse:
                 t0 = time.perf_counter()
                 self.progress("coarse_resample", 0.0)
-                info.coarse_labels = self.coarse_full_resolution(coarse_probs, canonical.shape)
+                info.coarse_labels = body.apply(self.coarse_full_resolution(coarse_probs, canonical.shape))
                 self.progress("coarse_resample", 1.0)
                 info.timings["coarse_upsample"] = time.perf_counter() - t0
         else:
+            self.progress("resample", 0.0)
             out[:] = self.coarse_full_resolution(coarse_probs, canonical.shape)
+            body.apply(out)
+            self.progress("resample", 1.0)
             info.timings["upsample"] = time.perf_counter() - t0
         partial = field_of_view_warning(out, spacing_zyx)
         if partial is not None:
@@ -391,11 +406,15 @@ class Predictor:
 
         ``keep_coarse`` (fine stage on only): ``info.coarse_image`` also receives the coarse
         result at full resolution (uint8, input geometry, same organ subset), identical to what
-        ``predict(image, fine=False)`` returns. Ignored when ``fine`` is False. ``check=False``:
-        the image was already validated (:func:`validate_ct`), so its warnings are not repeated.
+        ``predict(image, fine=False)`` returns. Ignored when ``fine`` is False. ``check``: refuse
+        what :func:`validate_ct` refuses (:class:`InputError`); its warnings are given unless
+        :func:`read_image` already gave them for this image object, so each comes once.
+        ``check=False``: the caller validated the image. A numpy array is refused: it has no geometry.
         """
+        if isinstance(image, np.ndarray):
+            raise InputError(NUMPY_INPUT_MESSAGE)
         if check:
-            validate_ct(image)
+            validate_ct(image, warn=not was_validated(image))
         t0 = time.perf_counter()
         self.progress("orient", 0.0)
         canonical_image, geom = to_canonical(image)

@@ -1,18 +1,19 @@
 """Worker process of the Slicer module: runs :func:`inference.segment_file` and reports over stdout.
 
-Started by :class:`AbdomenKDSegLib.logic.AbdomenKDSegLogic` in one of two modes:
+Started by :mod:`AbdomenKDSegLib.worker_client` (for the Slicer logic) in one of two modes:
 
 - one-shot: ``<python> -m AbdomenKDSegLib.worker --input IN.nrrd --output OUT.nrrd [--model M]
   [--device D] [--backend B] [--organs 1,5,13] [--no-fine] [--coarse-output COARSE.nrrd]
-  [--parent-pid PID] [--watch-stdin]``: one segmentation, then the process exits;
+  [--threads N] [--parent-pid PID] [--watch-stdin]``: one segmentation (the options of a
+  :class:`~AbdomenKDSegLib.request.SegmentRequest`), then the process exits;
 - serve (the logic's default): ``<python> -m AbdomenKDSegLib.worker --serve [--parent-pid PID]
   [--watch-stdin] [--threads N]``: a persistent worker that keeps the loaded networks between
   runs, so a second segmentation pays neither the interpreter start, nor the imports, nor the
   model loading (:class:`Engine`). It listens on a local, authenticated connection
   (:mod:`multiprocessing.connection`: a Unix socket, a named pipe on Windows; the key comes in
   ``$ABDOMENKDSEG_WORKER_KEY``) whose address it reports in its ``started`` event; each message
-  there is one request, a JSON object ``{"id": int, "argv": [one-shot options]}`` (the options of
-  the one-shot mode from ``--input`` on; ``{"shutdown": true}`` ends the worker). The worker ends
+  there is one request, a JSON object ``{"id": int, "argv": SegmentRequest.to_argv()}``
+  (``{"shutdown": true}`` ends the worker; the thread count is the worker's own). The worker ends
   when that connection closes (the logic ended it, or Slicer is gone: the OS closes it), after an
   unexpected failure of a request (the logic then starts a fresh worker), and as below.
   The connection, not stdin, carries the requests because a launcher may not forward stdin.
@@ -27,7 +28,8 @@ code 3 once the process ``--parent-pid`` (Slicer) is gone, checked every second 
 pid check (a zombie counts as gone), and, with ``--watch-stdin``, as soon as its stdin (a pipe
 whose other end only Slicer holds) reaches end-of-file while Slicer is gone.
 
-Protocol: every line the worker writes to stdout is one JSON object with an ``event`` key:
+Protocol: every line the worker writes to stdout is one JSON object with an ``event`` key
+(the event types of :mod:`AbdomenKDSegLib.request`):
 
 - ``{"event": "started", "pid": int, "python": str}``: the worker is alive (serve mode: also
   ``"address"``, where to connect, and ``"family"``);
@@ -39,8 +41,8 @@ Protocol: every line the worker writes to stdout is one JSON object with an ``ev
   code 2 for input/model errors, 1 for anything unexpected).
 
 In serve mode the events of a request carry ``"request": id``; each request ends with exactly one
-``done`` or ``error`` event (an ``error`` of type InputError or BundleError leaves the worker
-serving; after any other the worker exits with code 1).
+``done`` or ``error`` event (an ``error`` of a type in :data:`request.USER_ERRORS` (input or model
+errors) leaves the worker serving; after any other the worker exits with code 1).
 
 Warnings are reported only in these events, each once (not also printed on stderr). Everything
 else (library chatter, tracebacks) goes to stderr, which the logic keeps for its log.
@@ -57,8 +59,20 @@ import sys
 import threading
 import time
 import warnings
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, Callable, TextIO
+
+from .request import (
+    KEY_ENV,
+    DoneEvent,
+    ErrorEvent,
+    ProgressEvent,
+    SegmentRequest,
+    StartedEvent,
+    WorkerEvent,
+    add_request_arguments,
+)
 
 #: Exit code for errors the user can fix (bad input, missing or corrupt model).
 EXIT_USER_ERROR = 2
@@ -66,10 +80,8 @@ EXIT_USER_ERROR = 2
 EXIT_FAILURE = 1
 #: Exit code when the process the worker works for (Slicer) is gone.
 EXIT_ORPHANED = 3
-#: Environment variable holding the serve mode's connection key (hex); never on the command line.
-KEY_ENV = "ABDOMENKDSEG_WORKER_KEY"
-#: Error types after which a serving worker goes on serving (the user can fix them).
-USER_ERRORS = ("InputError", "BundleError", "AbdomenKDSegError")
+#: ``segment(request, progress)``: runs one request, returns a :class:`inference.SegmentationResult`.
+SegmentFunction = Callable[[SegmentRequest, Callable[[str, float], None]], Any]
 
 
 class EventWriter:
@@ -81,10 +93,9 @@ class EventWriter:
         #: serve mode: id of the request being worked on, added to every event as ``"request"``
         self.request: int | None = None
 
-    def emit(self, event: str, **fields: Any) -> None:
-        """Write one event line."""
-        extra = {} if self.request is None else {"request": self.request}
-        self.stream.write(json.dumps({"event": event, **fields, **extra}) + "\n")
+    def emit(self, event: WorkerEvent) -> None:
+        """Write one event line (marked with the request being worked on)."""
+        self.stream.write(event.for_request(self.request).to_json() + "\n")
         self.stream.flush()
 
     def progress(self, stage: str, fraction: float) -> None:
@@ -92,7 +103,7 @@ class EventWriter:
         key = (str(stage), round(float(fraction), 3))
         if key != self._last_progress:
             self._last_progress = key
-            self.emit("progress", stage=key[0], fraction=min(max(key[1], 0.0), 1.0))
+            self.emit(ProgressEvent(stage=key[0], fraction=min(max(key[1], 0.0), 1.0)))
 
 
 def protocol_stream() -> TextIO:
@@ -109,21 +120,11 @@ def protocol_stream() -> TextIO:
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    """Command-line options of the worker."""
+    """Command-line options of the worker; ``.request``: the one-shot mode's :class:`SegmentRequest`."""
     p = argparse.ArgumentParser(prog="python -m AbdomenKDSegLib.worker", description=__doc__.splitlines()[0])
     p.add_argument("--serve", action="store_true",
                    help="persistent worker: serve requests over a local connection (see the module's help)")
-    p.add_argument("--input", default=None, help="CT volume file (NRRD/NIfTI) or DICOM folder")
-    p.add_argument("--output", default=None, help="label map file to write (.nrrd or .nii.gz)")
-    p.add_argument("--model", default=None, help="model bundle (.safetensors); default: the bundled one")
-    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
-    p.add_argument("--backend", default="auto", choices=["auto", "torch", "onnx", "openvino"],
-                   help="network runtime on the CPU (auto: the fastest installed)")
-    p.add_argument("--organs", default=None, help="comma-separated organ keys or label values")
-    p.add_argument("--no-fine", dest="fine", action="store_false", help="coarse stage only")
-    p.add_argument("--coarse-output", default=None,
-                   help="also write the coarse result at full resolution here (ignored with --no-fine)")
-    p.add_argument("--threads", type=int, default=0, help="CPU threads for torch (0: torch default)")
+    add_request_arguments(p, required=False)
     p.add_argument("--parent-pid", type=int, default=0,
                    help="exit when this process (Slicer) is gone (default: the process that started the worker)")
     p.add_argument("--watch-stdin", action="store_true",
@@ -133,36 +134,36 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--debug-delay", type=float, default=0.0, help=argparse.SUPPRESS)
     p.add_argument("--debug-crash", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
-    if not args.serve and (args.input is None or args.output is None):
-        p.error("--input and --output are required (or --serve)")
+    args.request = None
+    if not args.serve:
+        if args.input is None or args.output is None:
+            p.error("--input and --output are required (or --serve)")
+        try:
+            args.request = SegmentRequest.from_namespace(args)
+        except ValueError as exc:  # UsageError: e.g. an unknown organ
+            p.error(str(exc))
     return args
 
 
-def organ_list(text: str | None) -> list[str] | None:
-    """``"liver, 2,aorta"`` -> ``["liver", "2", "aorta"]``; empty or None -> None (all organs)."""
-    if not text:
-        return None
-    items = [t.strip() for t in text.split(",") if t.strip()]
-    return items or None
+def run(args: argparse.Namespace, events: EventWriter, segment: SegmentFunction | None = None) -> int:
+    """Run the one-shot request, reporting through ``events``; returns the process exit code."""
+    events.emit(StartedEvent(pid=os.getpid(), python=sys.executable))
+    return run_request(args.request, events, segment, args.debug_delay, args.debug_crash)
 
 
-def run(args: argparse.Namespace, events: EventWriter,
-        segment: Callable[..., Any] | None = None) -> int:
-    """Run one segmentation, reporting through ``events``; returns the process exit code."""
-    events.emit("started", pid=os.getpid(), python=sys.executable)
-    return run_request(args, events, segment)
+def run_request(request: SegmentRequest, events: EventWriter, segment: SegmentFunction | None = None,
+                debug_delay: float = 0.0, debug_crash: bool = False) -> int:
+    """One segmentation (after the ``started`` event): 0, or the exit code of its failure.
 
-
-def run_request(args: argparse.Namespace, events: EventWriter, segment: Callable[..., Any] | None = None) -> int:
-    """One segmentation (after the ``started`` event): 0, or the exit code of its failure."""
-    if args.debug_delay > 0:
+    ``segment``: default :func:`load_engine`'s; ``debug_delay``/``debug_crash``: the test hooks."""
+    if debug_delay > 0:
         events.progress("waiting", 0.0)
-        time.sleep(args.debug_delay)
-    if args.debug_crash:
+        time.sleep(debug_delay)
+    if debug_crash:
         faulthandler._sigsegv()  # a real native crash, as a broken GPU driver would cause
     with warnings.catch_warnings(record=True) as caught:  # reported in the events, not on stderr
         warnings.simplefilter("always")
-        return _run_engine(args, events, segment, caught)
+        return _run_engine(request, events, segment, caught)
 
 
 def _unique_messages(caught: list[warnings.WarningMessage], *more: Any) -> list[str]:
@@ -174,24 +175,18 @@ def _unique_messages(caught: list[warnings.WarningMessage], *more: Any) -> list[
     return out
 
 
-def _run_engine(args: argparse.Namespace, events: EventWriter, segment: Callable[..., Any] | None,
+def _run_engine(request: SegmentRequest, events: EventWriter, segment: SegmentFunction | None,
                 caught: list[warnings.WarningMessage]) -> int:
     """The segmentation itself; warnings are recorded in ``caught``."""
     from .errors import AbdomenKDSegError, BundleError, InputError
 
     def error(kind: str, message: str) -> None:
-        events.emit("error", type=kind, message=message, warnings=_unique_messages(caught))
+        events.emit(ErrorEvent(type=kind, message=message, warnings=tuple(_unique_messages(caught))))
 
     try:
         if segment is None:
-            segment = load_engine(args.threads)
-        extra: dict[str, Any] = {} if args.coarse_output is None else {"coarse_output": args.coarse_output}
-        if getattr(args, "backend", "auto") != "auto":
-            extra["backend"] = args.backend
-        result = segment(
-            args.input, args.output, model=args.model, device=args.device, fine=args.fine,
-            organs=organ_list(args.organs), progress=events.progress, **extra,
-        )
+            segment = load_engine(request.threads)
+        result = segment(request, events.progress)
     except (InputError, BundleError) as exc:
         error(type(exc).__name__, str(exc))
         return EXIT_USER_ERROR
@@ -211,28 +206,27 @@ def _run_engine(args: argparse.Namespace, events: EventWriter, segment: Callable
         error(type(exc).__name__, f"{type(exc).__name__}: {exc}")
         return EXIT_FAILURE
     coarse = getattr(result, "coarse_output_path", None)
-    events.emit(
-        "done",
+    events.emit(DoneEvent(
         output=str(result.output_path),
         device=str(result.device),
         backend=str(getattr(result, "backend", "") or ""),
         timings={k: float(v) for k, v in result.timings.items()},
-        voxel_counts={str(k): int(v) for k, v in result.voxel_counts.items()},
-        warnings=_unique_messages([], *result.warnings, *(str(w.message) for w in caught)),
-        **({} if coarse is None else {"coarse_output": str(coarse)}),
-    )
+        voxel_counts={int(k): int(v) for k, v in result.voxel_counts.items()},
+        warnings=tuple(_unique_messages([], *result.warnings, *(str(w.message) for w in caught))),
+        coarse_output=None if coarse is None else str(coarse),
+    ))
     return 0
 
 
-def load_engine(threads: int = 0) -> Callable[..., Any]:
-    """Import the engine (torch and friends) and return a ``segment_file``-like callable (:class:`Engine`)."""
+def load_engine(threads: int = 0) -> SegmentFunction:
+    """Import the engine (torch and friends) and return its ``segment(request, progress)`` (:class:`Engine`)."""
     return Engine(threads).segment
 
 
 class Engine:
     """The engine with its loaded networks, kept between the requests of a serving worker.
 
-    :meth:`segment` takes :func:`inference.segment_file`'s arguments (plus ``backend``) and reuses
+    :meth:`segment` runs a :class:`SegmentRequest` with :func:`inference.segment_file` and reuses
     the :class:`inference.Predictor` while the model file (path, size, modification time), the
     device and the backend asked for are the same; anything else loads the new model (the old
     one is dropped first, so two models never share the memory). Warnings raised while loading
@@ -273,25 +267,25 @@ class Engine:
         self.predictor, self.key, self.load_warnings = None, None, []
         gc.collect()
 
-    def segment(self, input_path: Any, output_path: Any, model: Any = None, device: str = "auto",
-                fine: bool = True, organs: Any = None, progress: Any = None, coarse_output: Any = None,
-                backend: str = "auto") -> Any:
-        """:func:`inference.segment_file` with the predictor kept for the next call. The outputs are
-        the caller's temporary files (the Slicer logic's), so they may be replaced."""
-        key = self.model_key(model, device, backend)
+    def segment(self, request: SegmentRequest, progress: Callable[[str, float], None] | None = None) -> Any:
+        """:func:`inference.segment_file` of ``request`` with the predictor kept for the next call. The
+        outputs are the caller's temporary files (the Slicer logic's), so they may be replaced."""
+        key = self.model_key(request.model, request.device, request.backend)
         if self.key != key or self.predictor is None:
             self.forget()
             with warnings.catch_warnings(record=True) as caught:
                 warnings.simplefilter("always")
-                self.predictor = self._inference.Predictor(model, device=device, progress=progress, backend=backend)
+                self.predictor = self._inference.Predictor(request.model, device=request.device, progress=progress,
+                                                           backend=request.backend)
             self.key, self.load_warnings, self.loads = key, list(caught), self.loads + 1
             self.device_loaded = str(self.predictor.device)
         for w in self.load_warnings:  # what loading said, for this run too
             warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
         try:
-            result = self._inference.segment_file(input_path, output_path, device=device, fine=fine, organs=organs,
-                                                  progress=progress, predictor=self.predictor,
-                                                  coarse_output=coarse_output, overwrite=True)
+            result = self._inference.segment_file(
+                request.input, request.output, device=request.device, fine=request.fine,
+                organs=None if request.organs is None else list(request.organs), progress=progress,
+                predictor=self.predictor, coarse_output=request.coarse_output, overwrite=True)
         except BaseException:
             if str(self.predictor.device) != self.device_loaded:
                 self.forget()
@@ -447,15 +441,9 @@ def listen(key: bytes) -> Any:
     return Listener(os.path.join(folder, "socket"), family="AF_UNIX", authkey=key)
 
 
-def request_args(serve_args: argparse.Namespace, argv: list[str]) -> argparse.Namespace:
-    """A request's options (one-shot options from ``--input`` on) with the worker's own settings."""
-    args = parse_args([str(a) for a in argv])
-    if args.serve or args.input is None or args.output is None:
-        raise ValueError("a request needs --input and --output and no --serve")
-    args.threads = serve_args.threads
-    args.debug_delay = args.debug_delay or serve_args.debug_delay
-    args.debug_crash = args.debug_crash or serve_args.debug_crash
-    return args
+def request_args(serve_args: argparse.Namespace, argv: list[str]) -> SegmentRequest:
+    """A serve-mode request (``argv``: :meth:`SegmentRequest.to_argv`) with the worker's own thread count."""
+    return replace(SegmentRequest.from_argv(argv), threads=serve_args.threads)
 
 
 def serve(args: argparse.Namespace, events: EventWriter, key: bytes,
@@ -465,18 +453,18 @@ def serve(args: argparse.Namespace, events: EventWriter, key: bytes,
     address = listener.address
     if isinstance(address, bytes):  # a Linux abstract socket name
         address = address.decode("utf-8")
-    events.emit("started", pid=os.getpid(), python=sys.executable, address=address,
-                family="AF_PIPE" if os.name == "nt" else "AF_UNIX")
+    events.emit(StartedEvent(pid=os.getpid(), python=sys.executable, address=address,
+                             family="AF_PIPE" if os.name == "nt" else "AF_UNIX"))
     try:
         conn = listener.accept()
     finally:
         listener.close()  # one client only; a Unix socket file is removed here
     engines: list[Any] = []
 
-    def segment(*a: Any, **kw: Any) -> Any:  # the engine is loaded by the first request, then kept
-        if not engines:
+    def segment(request: SegmentRequest, progress: Callable[[str, float], None]) -> Any:
+        if not engines:  # the engine is loaded by the first request, then kept
             engines.append((make_engine or Engine)(args.threads))
-        return engines[0].segment(*a, **kw)
+        return engines[0].segment(request, progress)
 
     while True:
         try:
@@ -489,10 +477,10 @@ def serve(args: argparse.Namespace, events: EventWriter, key: bytes,
         try:
             try:
                 req = request_args(args, list(message.get("argv", [])))
-            except (SystemExit, ValueError) as exc:
-                events.emit("error", type="WorkerError", message=f"invalid request {message}: {exc}", warnings=[])
+            except ValueError as exc:  # UsageError
+                events.emit(ErrorEvent(type="WorkerError", message=f"invalid request {message}: {exc}"))
                 return EXIT_FAILURE
-            code = run_request(req, events, segment)
+            code = run_request(req, events, segment, args.debug_delay, args.debug_crash)
         finally:
             events.request = None
         if code not in (0, EXIT_USER_ERROR):
@@ -509,7 +497,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.serve:
         key = os.environ.pop(KEY_ENV, "")
         if not key:
-            events.emit("error", type="WorkerError", message=f"--serve needs ${KEY_ENV}", warnings=[])
+            events.emit(ErrorEvent(type="WorkerError", message=f"--serve needs ${KEY_ENV}"))
             return EXIT_FAILURE
         return serve(args, events, bytes.fromhex(key))
     return run(args, events)

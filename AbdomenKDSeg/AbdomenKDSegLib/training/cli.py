@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional
 
 from ..errors import AbdomenKDSegError, InputError
+from ..request import DEVICES
 
 #: Recipe files shipped in the source tree (``Resources/recipes/<name>.yaml``).
 RECIPES_DIR = Path(__file__).resolve().parents[3] / "Resources" / "recipes"
@@ -183,7 +184,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", required=True, help="run folder (checkpoints, logs, cache, model.safetensors)")
     p.add_argument("--resume", action="store_true",
                    help="continue the run in --out from its latest checkpoints")
-    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    p.add_argument("--device", default="auto", choices=DEVICES)
     p.add_argument("--cache", default=None, help="preprocessing cache folder (default RUN_DIR/cache)")
     p.add_argument("--set", action="append", metavar="KEY=VALUE",
                    help="override a recipe value, e.g. --set epochs=50 --set augment.scale_axis=labelled")

@@ -10,6 +10,8 @@ from typing import Any, List
 import torch
 import torch.distributed as dist
 
+from ..inference import resolve_device
+
 
 @dataclass(frozen=True)
 class DistInfo:
@@ -69,13 +71,9 @@ def broadcast_object(info: DistInfo, obj: Any) -> Any:
 
 
 def pick_device(device: str, info: DistInfo) -> torch.device:
-    """"auto" -> this rank's GPU if CUDA is available, else the CPU."""
-    name = str(device).lower()
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    if name == "cuda":
-        if not torch.cuda.is_available():
-            raise RuntimeError("CUDA was requested for training but is not available")
+    """"auto" -> this rank's GPU if CUDA is available, else the CPU; "cuda" without CUDA is an error."""
+    chosen = resolve_device(device, fallback=False)
+    if chosen.type == "cuda" and chosen.index is None:
         torch.cuda.set_device(info.local_rank)
         return torch.device("cuda", info.local_rank)
-    return torch.device(name)
+    return chosen

@@ -26,6 +26,7 @@ import torch
 from .. import __version__
 from ..bundle import DEFAULT_PREPROCESSING, ModelBundle, save_bundle
 from ..errors import InputError
+from ..inference import resolve_device
 from .checkpoint import load_checkpoint
 from .data import (
     CachedCase,
@@ -167,9 +168,7 @@ def train(config: Recipe | Dict[str, Any] | str | Path | None, data_dir: str | P
 
 def _train(recipe: Recipe, data_dir: str | Path, out_dir: str | Path, resume: bool,
            cache_dir: str | Path | None, device: str, max_steps: Optional[int], progress: bool) -> TrainResult:
-    wants_cuda = str(device).startswith("cuda") or (device == "auto" and torch.cuda.is_available())
-    device_type = "cuda" if wants_cuda else "cpu"
-    dist = init_distributed(device_type)
+    dist = init_distributed(resolve_device(device, fallback=False).type)
     dev = pick_device(device, dist)
     if recipe.deterministic:
         torch.use_deterministic_algorithms(True, warn_only=dev.type == "cuda")
