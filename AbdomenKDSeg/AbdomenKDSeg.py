@@ -1,7 +1,7 @@
 """3D Slicer module "Abdominal Organs" (AbdomenKDSeg): 13 abdominal organs in CT with a distilled student.
 
 Thin layer over the engine: the GUI (:class:`AbdomenKDSegWidget`) edits a parameter node and
-drives :class:`AbdomenKDSegLib.logic.AbdomenKDSegLogic` (re-exported here as
+drives :class:`AbdomenKDSegLib.slicer.logic.AbdomenKDSegLogic` (re-exported here as
 ``AbdomenKDSegLogic``), which runs the network in a separate worker process. Nothing here
 imports torch or the other engine dependencies at module load time, so the module appears in
 Slicer before those packages are installed; they are installed on first use, in steps: torch
@@ -48,16 +48,17 @@ _MODULE_DIR = os.path.dirname(os.path.abspath(__file__))
 if _MODULE_DIR not in sys.path:  # Slicer adds it; this also covers unusual launch setups
     sys.path.insert(0, _MODULE_DIR)
 
-from AbdomenKDSegLib import dependencies, model_card
-from AbdomenKDSegLib.logic import (  # noqa: F401  (re-exported for scripting)
+from AbdomenKDSegLib import dependencies
+from AbdomenKDSegLib.engine import model_card
+from AbdomenKDSegLib.engine.organs import ORGANS
+from AbdomenKDSegLib.request import DEVICE_NAMES, DEVICES
+from AbdomenKDSegLib.slicer.logic import (  # noqa: F401  (re-exported for scripting)
     AbdomenKDSegLogic,
     SegmentationCancelled,
     WorkerError,
     segmentTag,
     terminologyTagName,
 )
-from AbdomenKDSegLib.organs import ORGANS
-from AbdomenKDSegLib.request import DEVICE_NAMES, DEVICES
 
 #: The device combo box's items, saved as such in the parameter node ("Auto", "CPU", "CUDA").
 DEVICE_CHOICES = [DEVICE_NAMES[d] for d in DEVICES]

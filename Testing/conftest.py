@@ -17,7 +17,7 @@ def mrml_scene():
     """A fresh vtkMRMLScene set as ``slicer.mrmlScene``, with the segmentation converters registered."""
     import slicer
 
-    from AbdomenKDSegLib.logic import registerSegmentationConverters
+    from AbdomenKDSegLib.slicer.logic import registerSegmentationConverters
 
     registerSegmentationConverters()
     scene = slicer.vtkMRMLScene()

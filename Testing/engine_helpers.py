@@ -8,8 +8,8 @@ import numpy as np
 import SimpleITK as sitk
 import torch
 
-from AbdomenKDSegLib.bundle import save_bundle
-from AbdomenKDSegLib.networks import build_network, student_config
+from AbdomenKDSegLib.engine.bundle import save_bundle
+from AbdomenKDSegLib.engine.networks import build_network, student_config
 
 REPO = Path(__file__).resolve().parents[1]
 DATA = REPO.parent / "shared" / "data"
@@ -46,7 +46,7 @@ def torch_probabilities(net: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
 
 def private_runtime_cache(tmp_path: Path, monkeypatch):  # noqa: ANN201 (generator)
     """Body of an autouse fixture: an empty graph cache per test and one torch thread meanwhile."""
-    from AbdomenKDSegLib import onnx_backend
+    from AbdomenKDSegLib.runtimes import onnx_backend
 
     monkeypatch.setenv(onnx_backend.CACHE_ENV, str(tmp_path / "cache"))
     threads = torch.get_num_threads()

@@ -25,8 +25,8 @@ import pytest
 import SimpleITK as sitk
 
 from AbdomenKDSegLib.cli import main
+from AbdomenKDSegLib.engine.inference import segment_file
 from AbdomenKDSegLib.errors import InputError, UsageError
-from AbdomenKDSegLib.inference import segment_file
 
 from bad_files import BAD_FILES
 from engine_helpers import DICOM_DIR, SAMPLE_CT, make_tiny_bundle

@@ -11,11 +11,11 @@ import pytest
 import SimpleITK as sitk
 import torch
 
-from AbdomenKDSegLib.body_mask import BodyMask, body_mask, check_has_body
+from AbdomenKDSegLib.engine.body_mask import BodyMask, body_mask, check_has_body
+from AbdomenKDSegLib.engine.geometry import to_canonical
+from AbdomenKDSegLib.engine.image_io import NonCTWarning, read_image
+from AbdomenKDSegLib.engine.inference import Predictor
 from AbdomenKDSegLib.errors import InputError
-from AbdomenKDSegLib.geometry import to_canonical
-from AbdomenKDSegLib.image_io import NonCTWarning, read_image
-from AbdomenKDSegLib.inference import Predictor
 
 from engine_helpers import SAMPLE_CT, SAMPLE_LABELS, make_tiny_bundle
 

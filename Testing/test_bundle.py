@@ -11,7 +11,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from AbdomenKDSegLib.bundle import (
+from AbdomenKDSegLib.engine.bundle import (
     FORMAT,
     FORMAT_VERSION,
     bundle_sha256,
@@ -22,8 +22,8 @@ from AbdomenKDSegLib.bundle import (
     upgrade_bundle,
     verify_bundle,
 )
+from AbdomenKDSegLib.engine.networks import student_config
 from AbdomenKDSegLib.errors import BundleError
-from AbdomenKDSegLib.networks import student_config
 
 from engine_helpers import REPO, make_tiny_bundle
 
@@ -35,7 +35,7 @@ def tiny(tmp_path):
 
 def test_round_trip_gives_identical_outputs(tiny, tmp_path):
     torch.manual_seed(1)
-    from AbdomenKDSegLib.networks import build_network
+    from AbdomenKDSegLib.engine.networks import build_network
 
     cfg = student_config(base_features=4, max_features=32)
     reference = build_network(cfg).eval()  # same seed as make_tiny_bundle -> same coarse weights
@@ -170,7 +170,7 @@ def test_version_1_bundle_is_refused_with_how_to_convert_it(tiny, tmp_path):
     card = _as_version_1(tiny)
     with pytest.raises(BundleError, match=r"older format version 1.*does not cover its model card") as err:
         load_bundle(tiny)
-    assert f"python -m AbdomenKDSegLib.bundle upgrade {tiny}" in str(err.value)
+    assert f"python -m AbdomenKDSegLib.engine.bundle upgrade {tiny}" in str(err.value)
     converted = upgrade_bundle(tiny, tmp_path / "v2.safetensors")
     bundle = load_bundle(converted)
     assert bundle.metadata == card and read_bundle_metadata(converted)[0]["format_version"] == FORMAT_VERSION == "2"
@@ -187,7 +187,7 @@ def test_upgrade_command_converts_in_place_and_refuses_a_modified_old_bundle(tin
     data = bytearray(tiny.read_bytes())
     data[-10] ^= 0xFF  # modified weights: the old checksum fails, nothing is converted
     tiny.with_name("bad.safetensors").write_bytes(bytes(data))
-    run = [sys.executable, "-m", "AbdomenKDSegLib.bundle", "upgrade"]
+    run = [sys.executable, "-m", "AbdomenKDSegLib.engine.bundle", "upgrade"]
     env_path = str(REPO / "AbdomenKDSeg")
     proc = subprocess.run(run + [str(tiny)], capture_output=True, text=True, timeout=120, cwd=env_path)
     assert proc.returncode == 0, proc.stderr + proc.stdout

@@ -12,7 +12,8 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from AbdomenKDSegLib.cli import case_name, main
+from AbdomenKDSegLib.cli import main
+from AbdomenKDSegLib.engine.image_io import case_id
 
 from engine_helpers import DICOM_DIR, SAMPLE_CT, assert_same_geometry, make_tiny_bundle, synthetic_ct
 
@@ -69,9 +70,9 @@ def test_folder_of_cases_continues_after_a_failure(tmp_path, capsys, tiny_model)
 def test_case_names():
     from pathlib import Path
 
-    assert case_name(Path("a/FLARE22_Tr_0001_0000.nii.gz")) == "FLARE22_Tr_0001"
-    assert case_name(Path("scan.nrrd")) == "scan"
-    assert case_name(Path("dicom_folder")) == "dicom_folder"
+    assert case_id(Path("a/FLARE22_Tr_0001_0000.nii.gz")) == "FLARE22_Tr_0001"
+    assert case_id(Path("scan.nrrd")) == "scan"
+    assert case_id(Path("dicom_folder")) == "dicom_folder"
 
 
 def _write(image, path):
@@ -167,7 +168,7 @@ def test_exit_now_finishes_threads_handlers_and_output_first():
 def test_huge_volume_warns_before_work(monkeypatch):
     import warnings
 
-    from AbdomenKDSegLib import image_io
+    from AbdomenKDSegLib.engine import image_io
 
     monkeypatch.setattr(image_io, "LARGE_VOXELS", 1000)
     with warnings.catch_warnings(record=True) as caught:

@@ -16,7 +16,7 @@ import SimpleITK as sitk
 import torch
 from test_training_loop import data_dir, synthetic_cases, tiny_recipe, weights_of  # noqa: F401 (fixture)
 
-from AbdomenKDSegLib.depthwise_conv import DepthwiseConv3d
+from AbdomenKDSegLib.engine.depthwise_conv import DepthwiseConv3d
 from AbdomenKDSegLib.training.trainer import StageTrainer
 
 from engine_helpers import SAMPLE_CT
@@ -54,8 +54,8 @@ def dice(a: np.ndarray, b: np.ndarray) -> float:
 
 def test_trained_model_on_cuda_agrees_with_the_cpu():
     """The bundled model, fp16 autocast on the GPU vs fp32 PyTorch on the CPU, on the real sample CT."""
-    from AbdomenKDSegLib.image_io import read_image
-    from AbdomenKDSegLib.inference import Predictor
+    from AbdomenKDSegLib.engine.image_io import read_image
+    from AbdomenKDSegLib.engine.inference import Predictor
 
     image = read_image(SAMPLE_CT)
     cpu, cpu_info = Predictor(device="cpu", backend="torch").predict(image)
@@ -75,8 +75,8 @@ def test_trained_model_on_cuda_agrees_with_the_cpu():
 
 def test_cuda_out_of_memory_retries_on_the_cpu():
     """A GPU too small for one window: a DeviceFallbackWarning, then PyTorch's CPU result."""
-    from AbdomenKDSegLib.image_io import read_image
-    from AbdomenKDSegLib.inference import DeviceFallbackWarning, Predictor
+    from AbdomenKDSegLib.engine.image_io import read_image
+    from AbdomenKDSegLib.engine.inference import DeviceFallbackWarning, Predictor
 
     image = read_image(SAMPLE_CT)
     expected, _ = Predictor(device="cpu", backend="torch").predict(image)
@@ -96,7 +96,7 @@ def test_cuda_out_of_memory_retries_on_the_cpu():
 
 def test_segment_file_on_cuda_reports_gpu_memory(tmp_path, capsys):
     from AbdomenKDSegLib.cli import print_summary
-    from AbdomenKDSegLib.inference import segment_file
+    from AbdomenKDSegLib.engine.inference import segment_file
 
     result = segment_file(SAMPLE_CT, tmp_path / "seg.nii.gz", device="cuda")
     assert result.device == "cuda" and result.gpu_peak_mb > 0
@@ -145,8 +145,8 @@ def test_mixed_precision_training_on_cuda_resumes(tmp_path):
 
 
 def test_training_pipeline_on_cuda_to_a_gpu_segmentation(data_dir, tmp_path):  # noqa: F811 (fixture)
-    from AbdomenKDSegLib.bundle import load_bundle
-    from AbdomenKDSegLib.inference import segment_file
+    from AbdomenKDSegLib.engine.bundle import load_bundle
+    from AbdomenKDSegLib.engine.inference import segment_file
     from AbdomenKDSegLib.training.pipeline import train
 
     result = train(tiny_recipe(), data_dir, tmp_path / "run", device="cuda", progress=False)

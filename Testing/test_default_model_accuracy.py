@@ -11,9 +11,9 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from AbdomenKDSegLib.inference import Predictor
-from AbdomenKDSegLib.metrics import score_images
-from AbdomenKDSegLib.organs import BY_KEY
+from AbdomenKDSegLib.engine.inference import Predictor
+from AbdomenKDSegLib.engine.organs import BY_KEY
+from AbdomenKDSegLib.evaluation.metrics import score_images
 
 from engine_helpers import DATA
 

@@ -6,8 +6,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from AbdomenKDSegLib.depthwise_conv import DepthwiseConv3d, DepthwiseConv3dFunction, use_fast_backward
-from AbdomenKDSegLib.networks import DepthwiseSeparableConv3d, build_network, student_config
+from AbdomenKDSegLib.engine.depthwise_conv import DepthwiseConv3d, DepthwiseConv3dFunction, use_fast_backward
+from AbdomenKDSegLib.engine.networks import DepthwiseSeparableConv3d, build_network, student_config
 
 
 def _reference_grads(conv: DepthwiseConv3d, x: torch.Tensor, grad_out: torch.Tensor):

@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from AbdomenKDSegLib import evaluation as E
+from AbdomenKDSegLib.engine.organs import BY_KEY, ORGANS
 from AbdomenKDSegLib.errors import InputError
-from AbdomenKDSegLib.organs import BY_KEY, ORGANS
+from AbdomenKDSegLib.evaluation import evaluate as E
 
 SPACING = (0.8, 0.8, 2.5)  # SimpleITK order (x, y, z)
 LIVER, SPLEEN = BY_KEY["liver"], BY_KEY["spleen"]

@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from AbdomenKDSegLib.inference import MIN_ABDOMEN_EXTENT_MM, field_of_view_warning, segment_file
-from AbdomenKDSegLib.organs import BY_KEY, ORGANS
+from AbdomenKDSegLib.engine.inference import MIN_ABDOMEN_EXTENT_MM, field_of_view_warning, segment_file
+from AbdomenKDSegLib.engine.organs import BY_KEY, ORGANS
 
 from conftest import load_volume
 from engine_helpers import SAMPLE_CT, SAMPLE_LABELS, make_tiny_bundle
@@ -67,7 +67,7 @@ def test_engine_warns_once_on_a_slab(slab_path, tiny_model, tmp_path):
 
 
 def test_logic_shows_the_warning_once_and_the_organ_volumes(mrml_scene, slab_path, tiny_model):
-    from AbdomenKDSegLib.logic import AbdomenKDSegLogic
+    from AbdomenKDSegLib.slicer.logic import AbdomenKDSegLogic
 
     volume = load_volume(mrml_scene, slab_path, "Upper abdomen slab")
     logic = AbdomenKDSegLogic()

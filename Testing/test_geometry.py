@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from AbdomenKDSegLib.geometry import centered_box, crop_box, from_canonical, orientation_code, to_canonical
+from AbdomenKDSegLib.engine.geometry import centered_box, crop_box, from_canonical, orientation_code, to_canonical
 
 from engine_helpers import assert_same_geometry, synthetic_ct
 

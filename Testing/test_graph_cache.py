@@ -1,4 +1,4 @@
-"""The graph cache folder (AbdomenKDSegLib.graph_cache): size cap with least-recently-used pruning,
+"""The graph cache folder (AbdomenKDSegLib.runtimes.graph_cache): size cap with least-recently-used pruning,
 only the project's files ever deleted, ``abdomen-kdseg cache`` listing and ``--clear``.
 
 Fake graph files (named like onnx_backend.cache_name, arbitrary bytes) are enough here: no runtime
@@ -13,7 +13,7 @@ import time
 
 import pytest
 
-from AbdomenKDSegLib import graph_cache
+from AbdomenKDSegLib.runtimes import graph_cache
 
 MB = 1_000_000
 DAY = 86_400.0
@@ -89,9 +89,9 @@ def test_orphans_old_blobs_and_stale_temporary_files_are_pruned_first(cache):
     orphan = graph_cache.compiled_dir(graph_name("d", "fine"), cache) / "42.blob"  # graph deleted by hand
     orphan.parent.mkdir(parents=True)
     orphan.write_bytes(b"x" * MB)
-    stale = cache / (graph_name("e", "coarse") + ".k3j4.tmp")  # a crashed write
+    stale = cache / ("." + graph_name("e", "coarse") + ".k3j4.tmp")  # a crashed write
     stale.write_bytes(b"x" * MB)
-    writing = cache / (graph_name("f", "coarse") + ".q9z8.tmp")  # a write in progress
+    writing = cache / ("." + graph_name("f", "coarse") + ".q9z8.tmp")  # a write in progress
     writing.write_bytes(b"x" * MB)
     for path in (legacy, orphan, stale):
         os.utime(path, (time.time() - 5 * DAY,) * 2)
@@ -154,7 +154,7 @@ def test_cache_command_without_a_folder(tmp_path, monkeypatch, capsys):
 
 def test_graph_names_of_the_backends_are_recognised():
     torch = pytest.importorskip("torch")
-    from AbdomenKDSegLib import onnx_backend
+    from AbdomenKDSegLib.runtimes import onnx_backend
 
     name = onnx_backend.cache_name("0123456789abcdef" * 4, "fine", (96, 64, 96))
     assert graph_cache.bundle_key(name) == "0123456789abcdef" * 2

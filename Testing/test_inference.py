@@ -9,10 +9,9 @@ import pytest
 import SimpleITK as sitk
 import torch
 
-from AbdomenKDSegLib.errors import UsageError
-from AbdomenKDSegLib.geometry import centered_box
-from AbdomenKDSegLib.image_io import read_image
-from AbdomenKDSegLib.inference import (
+from AbdomenKDSegLib.engine.geometry import centered_box
+from AbdomenKDSegLib.engine.image_io import read_image
+from AbdomenKDSegLib.engine.inference import (
     EmptyCoarseWarning,
     Predictor,
     gaussian_importance,
@@ -20,6 +19,7 @@ from AbdomenKDSegLib.inference import (
     segment_file,
     window_starts,
 )
+from AbdomenKDSegLib.errors import UsageError
 
 from engine_helpers import DICOM_DIR, SAMPLE_CT, assert_same_geometry, make_tiny_bundle, synthetic_ct
 

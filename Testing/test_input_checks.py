@@ -20,12 +20,12 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from AbdomenKDSegLib import image_io
 from AbdomenKDSegLib.cli import main
+from AbdomenKDSegLib.engine import image_io
+from AbdomenKDSegLib.engine.image_io import NonCTWarning, read_image, sitk_reason
+from AbdomenKDSegLib.engine.inference import NUMPY_INPUT_MESSAGE, Predictor
+from AbdomenKDSegLib.engine.nifti_check import check_nifti, parse_header
 from AbdomenKDSegLib.errors import InputError
-from AbdomenKDSegLib.image_io import NonCTWarning, read_image, sitk_reason
-from AbdomenKDSegLib.inference import NUMPY_INPUT_MESSAGE, Predictor
-from AbdomenKDSegLib.nifti_check import check_nifti, parse_header
 
 from bad_files import BAD_FILES, huge_header, image_file, nifti1_header, truncated_gz
 from engine_helpers import DICOM_DIR, SAMPLE_CT, make_tiny_bundle, synthetic_ct

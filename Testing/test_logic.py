@@ -1,6 +1,6 @@
 """AbdomenKDSegLogic on real MRML (slicer-core): results, organ subsets, reuse, saving, cancel, errors.
 
-Every segmentation runs the real worker process (``python -m AbdomenKDSegLib.worker``) and the real
+Every segmentation runs the real worker process (``python -m AbdomenKDSegLib.slicer.worker``) and the real
 engine. The main run uses the bundled default model when it exists (else a tiny random bundle)
 and is shared by several tests; the other runs use a tiny random bundle to stay fast.
 """
@@ -23,11 +23,13 @@ import torch
 import vtk
 from vtk.util.numpy_support import vtk_to_numpy
 
-from AbdomenKDSegLib import worker as worker_module
-from AbdomenKDSegLib.bundle import default_bundle_path
+from AbdomenKDSegLib.engine.bundle import default_bundle_path
+from AbdomenKDSegLib.engine.inference import segment_file
+from AbdomenKDSegLib.engine.organs import BY_KEY, ORGANS
 from AbdomenKDSegLib.errors import BundleError, InputError
-from AbdomenKDSegLib.inference import segment_file
-from AbdomenKDSegLib.logic import (
+from AbdomenKDSegLib.request import ProgressMap, SegmentRequest
+from AbdomenKDSegLib.slicer import worker as worker_module
+from AbdomenKDSegLib.slicer.logic import (
     STAGES,
     AbdomenKDSegLogic,
     SegmentationCancelled,
@@ -36,9 +38,7 @@ from AbdomenKDSegLib.logic import (
     segmentTag,
     terminologyTagName,
 )
-from AbdomenKDSegLib.organs import BY_KEY, ORGANS
-from AbdomenKDSegLib.request import ProgressMap, SegmentRequest
-from AbdomenKDSegLib.worker_client import WorkerSettings, worker_environment
+from AbdomenKDSegLib.slicer.worker_client import WorkerSettings, worker_environment
 
 from conftest import load_volume
 from engine_helpers import SAMPLE_CT, make_tiny_bundle
@@ -539,7 +539,7 @@ def test_worker_command_lists_the_options():
     request = SegmentRequest("/t/in.nrrd", "/t/out.nrrd", model="/m.safetensors", device="cuda",
                              organs=["liver", "aorta"], fine=False, threads=logic.threads)
     cmd = logic.workerSettings().command(request, serve=False)
-    assert cmd[:3] == [logic.pythonExecutable, "-m", "AbdomenKDSegLib.worker"]
+    assert cmd[:3] == [logic.pythonExecutable, "-m", "AbdomenKDSegLib.slicer.worker"]
     assert cmd[3:] == ["--input", "/t/in.nrrd", "--output", "/t/out.nrrd", "--device", "cuda",
                        "--organs", "1,5", "--model", "/m.safetensors", "--no-fine", "--threads", "3",
                        "--parent-pid", str(os.getpid()), "--watch-stdin"]
@@ -556,7 +556,7 @@ def test_worker_exits_when_its_parent_dies():
     import sys
 
     launcher = ("import os, subprocess, sys\n"
-                "p = subprocess.Popen([sys.executable, '-m', 'AbdomenKDSegLib.worker', '--input', 'in.nrrd',"
+                "p = subprocess.Popen([sys.executable, '-m', 'AbdomenKDSegLib.slicer.worker', '--input', 'in.nrrd',"
                 " '--output', 'out.nrrd', '--debug-delay', '120', '--parent-pid', str(os.getpid())],"
                 " stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)\n"
                 "print(p.pid)\n")
@@ -672,7 +672,7 @@ def test_no_coarse_node_when_the_option_is_off_or_the_fine_stage_off(subset_run,
 
 def _earlier_coarse_node(scene, volume):
     """A segmentation as an earlier "keep coarse result" run left it, with one segment."""
-    from AbdomenKDSegLib.logic import COARSE_RESULT_ATTRIBUTE
+    from AbdomenKDSegLib.slicer.logic import COARSE_RESULT_ATTRIBUTE
 
     node = scene.AddNewNodeByClass("vtkMRMLSegmentationNode", "CT organs (coarse)")
     node.SetAttribute(COARSE_RESULT_ATTRIBUTE, volume.GetID())

@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from AbdomenKDSegLib import metrics as M
+from AbdomenKDSegLib.engine.organs import BY_KEY, BY_VALUE, ORGANS
 from AbdomenKDSegLib.errors import InputError
-from AbdomenKDSegLib.organs import BY_KEY, BY_VALUE, ORGANS
+from AbdomenKDSegLib.evaluation import metrics as M
 
 DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 FLARE_CASE = DATA / "flare22-labels" / "FLARE22_Tr_0014.nii.gz"  # the smallest map (512x512x71)

@@ -1,7 +1,7 @@
 """The model line of the Slicer panel: read from a bundle's card without torch, honest about accuracy.
 
 Bundles are real ones (``make_tiny_bundle`` + card fields, and the shipped default model); the
-card is read from the safetensors header by :mod:`AbdomenKDSegLib.model_card`, which imports
+card is read from the safetensors header by :mod:`AbdomenKDSegLib.engine.model_card`, which imports
 neither torch nor safetensors (checked in a subprocess where both are blocked).
 """
 
@@ -14,8 +14,14 @@ import textwrap
 
 import pytest
 
-from AbdomenKDSegLib import model_card
-from AbdomenKDSegLib.bundle import DEFAULT_BUNDLE_NAME, FORMAT, MODEL_ENV, default_bundle_path, read_bundle_metadata
+from AbdomenKDSegLib.engine import model_card
+from AbdomenKDSegLib.engine.bundle import (
+    DEFAULT_BUNDLE_NAME,
+    FORMAT,
+    MODEL_ENV,
+    default_bundle_path,
+    read_bundle_metadata,
+)
 
 from engine_helpers import REPO, make_tiny_bundle
 
@@ -120,7 +126,7 @@ def test_model_card_module_needs_neither_torch_nor_safetensors(tmp_path):
                     raise ImportError(name + " is blocked")
         sys.meta_path.insert(0, Block())
         sys.path.insert(0, sys.argv[2])
-        from AbdomenKDSegLib import model_card
+        from AbdomenKDSegLib.engine import model_card
         print(model_card.describe_model(sys.argv[1])[0])
     """)
     proc = subprocess.run([sys.executable, "-c", script, str(path), str(REPO / "AbdomenKDSeg")],

@@ -1,4 +1,4 @@
-"""Tests of AbdomenKDSegLib.networks: architecture (METHOD.md §1), parameter counts, init, FLOPs.
+"""Tests of AbdomenKDSegLib.engine.networks: architecture (METHOD.md §1), parameter counts, init, FLOPs.
 
 Expected values are computed independently here (analytic parameter / MAC formulas written from
 METHOD.md) or taken from the paper / METHOD reference figures; full-width teachers are only built on
@@ -10,13 +10,19 @@ from __future__ import annotations
 import io
 import json
 import math
+import sys
+from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from AbdomenKDSegLib import networks as N
+from AbdomenKDSegLib.engine import networks as N
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+import flops  # noqa: E402  (benchmarks/flops.py: the FLOP accounting)
+
 from AbdomenKDSegLib.errors import InputError
 
 torch.set_num_threads(1)
@@ -309,11 +315,11 @@ def test_config_round_trip_and_errors():
 def test_measure_flops_matches_analytic_conv_macs(kind):
     cfg = CONFIGS[kind](base_features=8, n_stages=4)
     net = _meta_build(cfg)
-    assert N.measure_flops(net, (1, 1, 16, 8, 24)) == 2 * analytic_conv_macs(cfg, (16, 8, 24))
+    assert flops.measure_flops(net, (1, 1, 16, 8, 24)) == 2 * analytic_conv_macs(cfg, (16, 8, 24))
 
 
 def test_student_test_time_flops_vs_paper():
-    r = N.student_test_time_flops()
+    r = flops.student_test_time_flops()
     expected_window = 2 * analytic_conv_macs(N.student_config(), (96, 64, 96))
     assert r["flops_per_window"] == expected_window
     assert r["flops_total"] == 3 * expected_window

@@ -1,4 +1,4 @@
-"""Tests of AbdomenKDSegLib.onnx_backend: ONNX Runtime gives PyTorch's probabilities and label maps.
+"""Tests of AbdomenKDSegLib.runtimes.onnx_backend: ONNX Runtime gives PyTorch's probabilities and label maps.
 
 Expectations are PyTorch's own eager results on the same weights (softmax of the network's logits),
 and cache behaviour observable on disk. Skipped as a whole when onnxruntime is not installed
@@ -13,9 +13,9 @@ import pytest
 import SimpleITK as sitk
 import torch
 
-from AbdomenKDSegLib import onnx_backend
-from AbdomenKDSegLib.inference import Predictor
-from AbdomenKDSegLib.networks import build_network, student_config
+from AbdomenKDSegLib.engine.inference import Predictor
+from AbdomenKDSegLib.engine.networks import build_network, student_config
+from AbdomenKDSegLib.runtimes import onnx_backend
 
 from engine_helpers import SAMPLE_CT, make_tiny_bundle, private_runtime_cache, tiny_student, torch_probabilities
 
@@ -71,7 +71,7 @@ def tiny_bundle(tmp_path_factory):
 
 
 def test_auto_backend_picks_onnx_on_cpu_without_openvino(tiny_bundle, monkeypatch):
-    from AbdomenKDSegLib import openvino_backend
+    from AbdomenKDSegLib.runtimes import openvino_backend
 
     monkeypatch.setattr(openvino_backend, "available", lambda: False)
     assert Predictor(tiny_bundle, device="cpu", backend="auto").backend == "onnx"

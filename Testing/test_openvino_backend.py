@@ -1,4 +1,4 @@
-"""Tests of AbdomenKDSegLib.openvino_backend: OpenVINO gives PyTorch's probabilities and label maps.
+"""Tests of AbdomenKDSegLib.runtimes.openvino_backend: OpenVINO gives PyTorch's probabilities and label maps.
 
 Expectations are PyTorch's own eager results on the same weights (softmax of the network's logits)
 and what the caches leave on disk. OpenVINO's oneDNN kernels sum in another order than PyTorch, so
@@ -14,9 +14,9 @@ import pytest
 import SimpleITK as sitk
 import torch
 
-from AbdomenKDSegLib import openvino_backend
-from AbdomenKDSegLib.inference import BACKENDS, Predictor
-from AbdomenKDSegLib.networks import build_network, student_config
+from AbdomenKDSegLib.engine.inference import BACKENDS, Predictor
+from AbdomenKDSegLib.engine.networks import build_network, student_config
+from AbdomenKDSegLib.runtimes import openvino_backend
 
 from engine_helpers import SAMPLE_CT, make_tiny_bundle, private_runtime_cache, tiny_student, torch_probabilities
 

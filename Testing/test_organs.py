@@ -6,7 +6,7 @@ import itertools
 
 import numpy as np
 
-from AbdomenKDSegLib.organs import BY_KEY, ORGANS
+from AbdomenKDSegLib.engine.organs import BY_KEY, ORGANS
 
 
 def _distance(a: str, b: str) -> float:

@@ -17,8 +17,9 @@ import torch
 import vtk
 from vtk.util.numpy_support import vtk_to_numpy
 
+from AbdomenKDSegLib.engine.organs import BY_KEY, ORGANS
 from AbdomenKDSegLib.errors import InputError
-from AbdomenKDSegLib.logic import (
+from AbdomenKDSegLib.slicer.logic import (
     INPUT_VOLUME_ATTRIBUTE,
     ORGAN_TAG,
     AbdomenKDSegLogic,
@@ -29,7 +30,6 @@ from AbdomenKDSegLib.logic import (
     terminologyCodes,
     terminologyTagName,
 )
-from AbdomenKDSegLib.organs import BY_KEY, ORGANS
 
 from conftest import load_volume
 from engine_helpers import make_tiny_bundle

@@ -74,8 +74,8 @@ def test_module_cmake_lists_every_python_file(module_cmake):
     listed = set(module_cmake["MODULE_PYTHON_SCRIPTS"])
     missing = sorted(scripts - listed)
     assert not missing, "add to MODULE_PYTHON_SCRIPTS in AbdomenKDSeg/CMakeLists.txt:\n  " + "\n  ".join(missing)
-    assert {"AbdomenKDSeg.py", "AbdomenKDSegLib/__init__.py", "AbdomenKDSegLib/logic.py",
-            "AbdomenKDSegLib/worker.py", "AbdomenKDSegLib/training/__init__.py"} <= listed
+    assert {"AbdomenKDSeg.py", "AbdomenKDSegLib/__init__.py", "AbdomenKDSegLib/slicer/logic.py",
+            "AbdomenKDSegLib/slicer/worker.py", "AbdomenKDSegLib/training/__init__.py"} <= listed
 
 
 def test_module_cmake_lists_every_resource(module_cmake):
@@ -83,7 +83,7 @@ def test_module_cmake_lists_every_resource(module_cmake):
     listed = set(module_cmake["MODULE_PYTHON_RESOURCES"])
     missing = sorted(resources - listed)
     assert not missing, "add to MODULE_PYTHON_RESOURCES in AbdomenKDSeg/CMakeLists.txt:\n  " + "\n  ".join(missing)
-    from AbdomenKDSegLib.bundle import DEFAULT_BUNDLE_NAME
+    from AbdomenKDSegLib.engine.bundle import DEFAULT_BUNDLE_NAME
 
     assert {"Resources/UI/AbdomenKDSeg.ui", "Resources/Icons/AbdomenKDSeg.png", "Resources/requirements.txt",
             "Resources/requirements-optional.txt", f"Resources/Models/{DEFAULT_BUNDLE_NAME}",
@@ -258,75 +258,3 @@ def test_ensure_requirements_declined_installs_nothing(tmp_path):
     satisfied = tmp_path / "ok.txt"
     satisfied.write_text("safetensors\n", encoding="utf-8")
     assert dependencies.ensure_requirements(satisfied, lambda m: 1 / 0, installed.append, tmp_path / "c.txt") == []
-
-
-# ----------------------------------------------------------------------------- README rendering
-@pytest.fixture(scope="module")
-def two_organ_labels(tmp_path_factory) -> Path:
-    """Liver box on the patient's right (low LPS x), spleen box on the left, in an RAS-stored file."""
-    import numpy as np
-    import SimpleITK as sitk
-
-    labels = np.zeros((30, 40, 50), np.uint8)  # (Z, Y, X)
-    labels[8:20, 10:30, 5:20] = 1   # x 5..19: patient's right in LPS
-    labels[10:18, 15:28, 32:45] = 3  # x 32..44: patient's left
-    image = sitk.GetImageFromArray(labels)
-    image.SetSpacing((2.0, 2.0, 3.0))
-    image.SetOrigin((-50.0, -40.0, 100.0))
-    stored = sitk.DICOMOrient(image, "RAS")  # stored flipped: rendering must undo it
-    path = tmp_path_factory.mktemp("render") / "labels.nii.gz"
-    sitk.WriteImage(stored, str(path))
-    return path
-
-
-def test_surfaces_are_in_patient_millimetres(two_organ_labels):
-    import numpy as np
-    import SimpleITK as sitk
-
-    from AbdomenKDSegLib.render3d import canonical_labels, organ_surfaces
-
-    labels, spacing, origin = canonical_labels(sitk.ReadImage(str(two_organ_labels)))
-    assert spacing == (2.0, 2.0, 3.0) and origin == (-50.0, -40.0, 100.0)
-    surfaces = {s.value: s for s in organ_surfaces(labels, spacing, origin)}
-    assert set(surfaces) == {1, 3}
-    lo, hi = surfaces[1].points.min(axis=0), surfaces[1].points.max(axis=0)
-    # box voxels x 5..19, y 10..29, z 8..19: faces half a voxel outside the outer voxel centres
-    expected_lo = np.array([-50 + 4.5 * 2, -40 + 9.5 * 2, 100 + 7.5 * 3])
-    expected_hi = np.array([-50 + 19.5 * 2, -40 + 29.5 * 2, 100 + 19.5 * 3])
-    np.testing.assert_allclose(lo, expected_lo, atol=1.6)
-    np.testing.assert_allclose(hi, expected_hi, atol=1.6)
-
-
-@pytest.mark.parametrize("backend", ["auto", "matplotlib"])
-def test_front_view_shows_patient_right_on_the_left(two_organ_labels, backend):
-    import numpy as np
-    import SimpleITK as sitk
-
-    from AbdomenKDSegLib.organs import BY_KEY
-    from AbdomenKDSegLib.render3d import canonical_labels, organ_surfaces, render_view
-
-    labels, spacing, origin = canonical_labels(sitk.ReadImage(str(two_organ_labels)))
-    rgb, used = render_view(organ_surfaces(labels, spacing, origin), "anterior", (300, 300), backend)
-    assert rgb.shape == (300, 300, 3) and (backend == "auto" or used == "matplotlib")
-
-    def columns_of(key):
-        color = np.array(BY_KEY[key].color, float)
-        hue = rgb.astype(float) / np.maximum(rgb.max(axis=2, keepdims=True), 1)  # shading-invariant
-        close = np.abs(hue - color / color.max()).max(axis=2) < 0.08
-        assert close.sum() > 200, f"{key} not visible"
-        return np.nonzero(close)[1].mean()
-
-    assert columns_of("liver") < columns_of("spleen")
-
-
-def test_render_figure_writes_a_png_with_ct_panels(two_organ_labels, tmp_path):
-    import SimpleITK as sitk
-
-    from AbdomenKDSegLib.render3d import render_figure
-
-    ct = sitk.Cast(sitk.ReadImage(str(two_organ_labels)), sitk.sitkInt16) * 100 - 50
-    ct_path = tmp_path / "ct.nii.gz"
-    sitk.WriteImage(ct, str(ct_path))
-    out = render_figure(two_organ_labels, tmp_path / "figure.png", image_path=ct_path, size=200)
-    width, height = png_size(out)
-    assert width > 3 * height  # four panels side by side

@@ -22,9 +22,9 @@ import slicer
 import torch
 import vtk
 
-from AbdomenKDSegLib import worker as worker_module
 from AbdomenKDSegLib.errors import BundleError, InputError
-from AbdomenKDSegLib.logic import AbdomenKDSegLogic, SegmentationCancelled
+from AbdomenKDSegLib.slicer import worker as worker_module
+from AbdomenKDSegLib.slicer.logic import AbdomenKDSegLogic, SegmentationCancelled
 
 from conftest import load_volume
 from engine_helpers import make_tiny_bundle
@@ -125,7 +125,7 @@ def test_backend_change_is_used_by_the_same_worker(mrml_scene, bundles):
         logic.backend = "auto"
         logic.segment(volume, device="cpu", model=bundles.a, organs=["liver", "spleen"])
         assert logic.workerPid == pid
-        from AbdomenKDSegLib import onnx_backend, openvino_backend
+        from AbdomenKDSegLib.runtimes import onnx_backend, openvino_backend
 
         expected = "openvino" if openvino_backend.available() else "onnx" if onnx_backend.available() else "torch"
         assert logic.lastRunInfo.backend == expected
@@ -328,14 +328,14 @@ def test_serve_needs_the_key_and_ends_when_the_connection_closes(tmp_path):
 
     env = dict(os.environ, PYTHONPATH=str(TESTING.parent / "AbdomenKDSeg"))
     env.pop(worker_module.KEY_ENV, None)
-    proc = subprocess.run([sys.executable, "-m", "AbdomenKDSegLib.worker", "--serve"], env=env,
+    proc = subprocess.run([sys.executable, "-m", "AbdomenKDSegLib.slicer.worker", "--serve"], env=env,
                           stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=60)
     assert proc.returncode == worker_module.EXIT_FAILURE and worker_module.KEY_ENV in proc.stdout
 
     key = os.urandom(16)
     env[worker_module.KEY_ENV] = key.hex()
     proc = subprocess.Popen(
-        [sys.executable, "-m", "AbdomenKDSegLib.worker", "--serve", "--parent-pid", str(os.getpid())],
+        [sys.executable, "-m", "AbdomenKDSegLib.slicer.worker", "--serve", "--parent-pid", str(os.getpid())],
         env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
     try:
         started = json.loads(proc.stdout.readline())

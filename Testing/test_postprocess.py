@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import SimpleITK as sitk
 
-from AbdomenKDSegLib.postprocess import largest_component_per_class
+from AbdomenKDSegLib.engine.postprocess import largest_component_per_class
 
 from engine_helpers import FLARE_LABELS
 

@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from AbdomenKDSegLib.preprocess import clip_and_zscore, pad_to_min_size, resize_argmax, resize_volume
+from AbdomenKDSegLib.engine.preprocess import clip_and_zscore, pad_to_min_size, resize_argmax, resize_volume
 
 
 @pytest.mark.parametrize("out_shape", [(7, 5, 9), (20, 3, 4), (1, 6, 6), (33, 17, 12)])

@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 import SimpleITK as sitk
 
+from AbdomenKDSegLib.engine.organs import BY_KEY, ORGANS
 from AbdomenKDSegLib.errors import UsageError
-from AbdomenKDSegLib.organs import BY_KEY, ORGANS
 from AbdomenKDSegLib.request import (
     BACKENDS,
     DEVICES,
@@ -115,7 +115,7 @@ def test_event_lines_keep_the_protocol():
 @pytest.fixture(scope="module")
 def emitted(tmp_path_factory):
     """Stage reports of the real predictor: (fine + coarse result kept) and (coarse only) runs."""
-    from AbdomenKDSegLib.inference import Predictor
+    from AbdomenKDSegLib.engine.inference import Predictor
 
     predictor = Predictor(make_tiny_bundle(tmp_path_factory.mktemp("bundle") / "tiny.safetensors"), device="cpu")
     image = sitk.ReadImage(str(SAMPLE_CT))
@@ -141,7 +141,7 @@ def test_stage_table_is_what_the_engine_reports(emitted):
 
 
 def test_fine_runs_map_as_before_and_coarse_only_runs_have_no_jump(emitted):
-    from AbdomenKDSegLib.logic import STAGES
+    from AbdomenKDSegLib.slicer.logic import STAGES
 
     spans = stage_spans(STAGES)
     assert spans["export"] == (0.0, 0.02) and spans["import"] == pytest.approx((0.94, 1.0))

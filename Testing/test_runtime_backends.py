@@ -17,7 +17,7 @@ from types import ModuleType
 import pytest
 import torch
 
-from AbdomenKDSegLib import graph_cache, onnx_backend, openvino_backend
+from AbdomenKDSegLib.runtimes import graph_cache, onnx_backend, openvino_backend
 
 from engine_helpers import private_runtime_cache, tiny_student, torch_probabilities
 

@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from AbdomenKDSegLib.preprocess import clip_and_zscore
+from AbdomenKDSegLib.engine.preprocess import clip_and_zscore
 from AbdomenKDSegLib.training.augment import (
     AugmentV4,
     centre_pad,

@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
+from AbdomenKDSegLib.engine.geometry import crop_box
 from AbdomenKDSegLib.errors import InputError
-from AbdomenKDSegLib.geometry import crop_box
 from AbdomenKDSegLib.training.data import (
     build_coarse_cache,
     build_fine_cache,

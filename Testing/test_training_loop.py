@@ -17,7 +17,7 @@ import pytest
 import SimpleITK as sitk
 import torch
 
-from AbdomenKDSegLib.bundle import load_bundle
+from AbdomenKDSegLib.engine.bundle import load_bundle
 from AbdomenKDSegLib.training.checkpoint import (
     get_rng_state,
     load_checkpoint,
@@ -270,7 +270,7 @@ def test_two_process_ddp_keeps_replicas_identical(tmp_path):
 @pytest.fixture(scope="module")
 def data_dir(tmp_path_factory) -> Path:
     """labeled: the 3 mm CT + its labels; unlabeled: the DICOM series (as NIfTI) and a flipped crop."""
-    from AbdomenKDSegLib.image_io import read_image
+    from AbdomenKDSegLib.engine.image_io import read_image
 
     root = tmp_path_factory.mktemp("data")
     for sub in ("imagesTr", "labelsTr", "unlabeled"):
@@ -382,7 +382,7 @@ def test_train_help_documents_max_steps_and_exit_codes(capsys):
 @pytest.mark.slow
 def test_end_to_end_real_data_to_segmentation(data_dir, tmp_path):
     """Full-size patches (96^3 coarse, 96x64x96 fine), tiny widths: coarse -> predictions -> fine -> bundle."""
-    from AbdomenKDSegLib.inference import segment_file
+    from AbdomenKDSegLib.engine.inference import segment_file
 
     recipe = Recipe.from_dict({"epochs": 1, "student": {"base_features": 4, "n_stages": 5},
                                "teacher": {"base_features": 4, "n_stages": 5}, "snapshot_every_epochs": 0})

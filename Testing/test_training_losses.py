@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from AbdomenKDSegLib.networks import build_network, student_config, teacher1_config, teacher2_config
+from AbdomenKDSegLib.engine.networks import build_network, student_config, teacher1_config, teacher2_config
 from AbdomenKDSegLib.training.losses import (
     focal_loss,
     hard_dice_loss,

@@ -270,7 +270,7 @@ def loaded_module() -> dict:
 
 def test_module_loads_without_torch_or_engine_packages(loaded_module):
     assert loaded_module["heavy_imported"] == []
-    assert loaded_module["logic"] == "AbdomenKDSegLib.logic"  # the logic is the engine's, re-exported
+    assert loaded_module["logic"] == "AbdomenKDSegLib.slicer.logic"  # the logic is the engine's, re-exported
 
 
 def test_module_description(loaded_module):

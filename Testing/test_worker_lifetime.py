@@ -21,11 +21,11 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from AbdomenKDSegLib import worker as worker_module
-from AbdomenKDSegLib import worker_client
-from AbdomenKDSegLib.logic import AbdomenKDSegLogic
-from AbdomenKDSegLib.organs import ORGANS
+from AbdomenKDSegLib.engine.organs import ORGANS
 from AbdomenKDSegLib.request import SegmentRequest
+from AbdomenKDSegLib.slicer import worker as worker_module
+from AbdomenKDSegLib.slicer import worker_client
+from AbdomenKDSegLib.slicer.logic import AbdomenKDSegLogic
 
 from conftest import load_volume
 from engine_helpers import make_tiny_bundle
@@ -119,7 +119,7 @@ SLICER_STAND_IN = textwrap.dedent("""
     sys.path.insert(0, testing)
     import slicer
     from conftest import load_volume
-    from AbdomenKDSegLib.logic import AbdomenKDSegLogic, registerSegmentationConverters
+    from AbdomenKDSegLib.slicer.logic import AbdomenKDSegLogic, registerSegmentationConverters
 
     registerSegmentationConverters()
     scene = slicer.vtkMRMLScene()
@@ -177,7 +177,7 @@ def test_killing_slicer_ends_the_worker(tmp_path, stdin_mode):
 def test_worker_ignores_stdin_end_of_file_while_its_parent_runs(tmp_path):
     """End-of-file at once (stdin closed), parent alive: the worker goes on (here: to a missing-input error)."""
     proc = subprocess.run(
-        [sys.executable, "-m", "AbdomenKDSegLib.worker", "--input", str(tmp_path / "missing.nrrd"),
+        [sys.executable, "-m", "AbdomenKDSegLib.slicer.worker", "--input", str(tmp_path / "missing.nrrd"),
          "--output", str(tmp_path / "out.nrrd"), "--parent-pid", str(os.getpid()), "--watch-stdin",
          "--debug-delay", "2.5"],
         stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=120)
@@ -191,7 +191,7 @@ def test_worker_exits_at_once_when_the_given_parent_is_already_gone(tmp_path):
     gone.wait()
     started = time.perf_counter()
     proc = subprocess.run(
-        [sys.executable, "-m", "AbdomenKDSegLib.worker", "--input", "in.nrrd", "--output", "out.nrrd",
+        [sys.executable, "-m", "AbdomenKDSegLib.slicer.worker", "--input", "in.nrrd", "--output", "out.nrrd",
          "--parent-pid", str(gone.pid), "--debug-delay", "120"],
         stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=60)
     assert proc.returncode == worker_module.EXIT_ORPHANED
@@ -241,5 +241,5 @@ def test_worker_command_through_a_launcher_command():
     logic = AbdomenKDSegLogic()
     logic.pythonExecutable = [sys.executable, str(LAUNCHER)]
     cmd = logic.workerSettings().command(SegmentRequest("i.nrrd", "o.nrrd", device="cpu"), serve=False)
-    assert cmd[:4] == [sys.executable, str(LAUNCHER), "-m", "AbdomenKDSegLib.worker"]
+    assert cmd[:4] == [sys.executable, str(LAUNCHER), "-m", "AbdomenKDSegLib.slicer.worker"]
     assert cmd[cmd.index("--parent-pid") + 1] == str(os.getpid()) and "--watch-stdin" in cmd

@@ -172,7 +172,7 @@ def make_nnunet_model_folder(method: str, root: Path, smoke: bool = False) -> Pa
     """
     import torch
 
-    from AbdomenKDSegLib.organs import ORGANS
+    from AbdomenKDSegLib.engine.organs import ORGANS
 
     folder = root / (method + ("-smoke" if smoke else ""))
     checkpoint = folder / "fold_0" / "checkpoint_final.pth"
@@ -246,7 +246,7 @@ class NetworkMeter:
 
 
 def child_abdomenkdseg(args: argparse.Namespace) -> dict[str, Any]:
-    from AbdomenKDSegLib.inference import Predictor, segment_file
+    from AbdomenKDSegLib.engine.inference import Predictor, segment_file
 
     predictor = Predictor(args.model, device=args.device, backend=args.akd_backend)
     counter = {"patches": 0, "seconds": 0.0}
@@ -451,8 +451,8 @@ def static_figures(method: str, model: Optional[str], smoke: bool, model_root: P
     import torch
 
     if method == "abdomenkdseg":
-        from AbdomenKDSegLib.bundle import default_bundle_path, read_bundle_metadata
-        from AbdomenKDSegLib.networks import NetworkConfig, build_network
+        from AbdomenKDSegLib.engine.bundle import default_bundle_path, read_bundle_metadata
+        from AbdomenKDSegLib.engine.networks import NetworkConfig, build_network
 
         _, card = read_bundle_metadata(model or default_bundle_path())
         pre = card.get("preprocessing", {})

@@ -36,7 +36,7 @@ import SimpleITK as sitk
 import torch
 from validate_model import print_report, validate
 
-from AbdomenKDSegLib.bundle import (
+from AbdomenKDSegLib.engine.bundle import (
     FORMAT_VERSION,
     default_bundle_path,
     load_bundle,
@@ -46,10 +46,10 @@ from AbdomenKDSegLib.bundle import (
     verify_bundle,
     write_bundle,
 )
+from AbdomenKDSegLib.engine.inference import segment_file
+from AbdomenKDSegLib.engine.networks import NetworkConfig
 from AbdomenKDSegLib.errors import BundleError
-from AbdomenKDSegLib.inference import segment_file
-from AbdomenKDSegLib.metrics import score_images
-from AbdomenKDSegLib.networks import NetworkConfig
+from AbdomenKDSegLib.evaluation.metrics import score_images
 from AbdomenKDSegLib.training.recipe import Recipe, Variant, load_recipe
 
 REPO = Path(__file__).resolve().parents[1]

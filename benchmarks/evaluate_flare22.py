@@ -4,7 +4,7 @@ Each reference label map is scored against a perturbed copy of itself so the sur
 not trivial: the whole map shifted by one axial slice (numpy axis 0; 2.5-5 mm, more than the 2 mm
 tolerance of the small organs) and one organ (organ number ``case index % 13 + 1``) eroded by one voxel
 (6-neighbourhood). The copies are written as .nii.gz to a
-temporary folder first (not timed); the timed part is :func:`AbdomenKDSegLib.evaluation.evaluate` on the
+temporary folder first (not timed); the timed part is :func:`AbdomenKDSegLib.evaluation.evaluate.evaluate` on the
 two folders, reading included.
 
 Usage: python benchmarks/evaluate_flare22.py [--workers N] [--cases N] [--out JSON]
@@ -23,8 +23,8 @@ from pathlib import Path
 import numpy as np
 import SimpleITK as sitk
 
-from AbdomenKDSegLib.evaluation import evaluate, format_summary
-from AbdomenKDSegLib.organs import ORGANS
+from AbdomenKDSegLib.engine.organs import ORGANS
+from AbdomenKDSegLib.evaluation.evaluate import evaluate, format_summary
 
 ROOT = Path(__file__).resolve().parents[1]
 LABELS = ROOT.parent / "shared" / "data" / "flare22-labels"

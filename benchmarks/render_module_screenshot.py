@@ -2,11 +2,11 @@
 
     python benchmarks/render_module_screenshot.py [--image CT] [--model BUNDLE] [--out PNG] [--device cpu]
 
-Runs :class:`AbdomenKDSegLib.logic.AbdomenKDSegLogic` (what the module's "Segment abdomen" button
+Runs :class:`AbdomenKDSegLib.slicer.logic.AbdomenKDSegLogic` (what the module's "Segment abdomen" button
 runs: the real worker process and the bundled model unless ``--model``) on real MRML (slicer-core)
 with the sample CT ``../shared/data/ct-abdomen-3mm/image.nii.gz``, exports the output
 segmentation's organ segments to a label map node (value = FLARE22 value), writes it, and renders
-it with the offscreen renderer (:func:`AbdomenKDSegLib.render3d.render_figure`, the same as
+it with the offscreen renderer (:func:`AbdomenKDSegLib.figures.render3d.render_figure`, the same as
 ``abdomen-kdseg render-3d LABELS OUT --image CT``) to ``Resources/Screenshots/organs-3d-module-result.png``
 (the README's and the Extensions Index's screenshot). The title names the model, so the picture
 always says which model made it; re-run it whenever the bundled model changes.
@@ -21,10 +21,10 @@ from pathlib import Path
 import slicer
 import vtk
 
-from AbdomenKDSegLib.logic import AbdomenKDSegLogic, registerSegmentationConverters
-from AbdomenKDSegLib.model_card import default_model_path, model_name, read_model_card
-from AbdomenKDSegLib.organs import ORGANS
-from AbdomenKDSegLib.render3d import render_figure
+from AbdomenKDSegLib.engine.model_card import default_model_path, model_name, read_model_card
+from AbdomenKDSegLib.engine.organs import ORGANS
+from AbdomenKDSegLib.figures.render3d import render_figure
+from AbdomenKDSegLib.slicer.logic import AbdomenKDSegLogic, registerSegmentationConverters
 
 REPO = Path(__file__).resolve().parents[1]
 SAMPLE_CT = REPO.parent / "shared" / "data" / "ct-abdomen-3mm" / "image.nii.gz"

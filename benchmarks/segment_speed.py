@@ -62,7 +62,7 @@ def child_main(argv: Sequence[str]) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     from AbdomenKDSegLib.cli import print_summary
-    from AbdomenKDSegLib.inference import Predictor, segment_file
+    from AbdomenKDSegLib.engine.inference import Predictor, segment_file
 
     predictor = Predictor(args.model, device=args.device, channels_last=not args.no_channels_last,
                           backend=args.backend)
@@ -171,7 +171,7 @@ def profile_run(size: str, args: argparse.Namespace, threads: int) -> dict[str, 
 
     import torch
 
-    from AbdomenKDSegLib.inference import Predictor, segment_file
+    from AbdomenKDSegLib.engine.inference import Predictor, segment_file
 
     torch.set_num_threads(threads)
     source = common.prepare_input(size)
@@ -212,8 +212,8 @@ def window_bench(args: argparse.Namespace, threads_list: Sequence[int], reps: in
 
     import torch
 
-    from AbdomenKDSegLib import onnx_backend, openvino_backend
-    from AbdomenKDSegLib.inference import Predictor
+    from AbdomenKDSegLib.engine.inference import Predictor
+    from AbdomenKDSegLib.runtimes import onnx_backend, openvino_backend
 
     configs = [("torch", True), ("torch", False)]
     if onnx_backend.available():

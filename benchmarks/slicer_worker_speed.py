@@ -1,6 +1,6 @@
 """Seconds per segmentation through the Slicer logic: persistent worker (model kept loaded) vs one-shot workers.
 
-Runs the real :class:`AbdomenKDSegLib.logic.AbdomenKDSegLogic` on real MRML (slicer-core): each run
+Runs the real :class:`AbdomenKDSegLib.slicer.logic.AbdomenKDSegLogic` on real MRML (slicer-core): each run
 exports the volume node, has the worker segment it (CPU, default model, default backend) and imports
 the 13 segments into a segmentation node. The time is ``RunInfo.totalSeconds`` (from the
 ``segment`` call to the imported segments, as the panel shows it).
@@ -42,7 +42,7 @@ OUT = common.RESULTS / "slicer_worker_speed.json"
 
 
 def new_logic(args: argparse.Namespace, reuse: bool, logs: list[str]) -> Any:
-    from AbdomenKDSegLib.logic import AbdomenKDSegLogic
+    from AbdomenKDSegLib.slicer.logic import AbdomenKDSegLogic
 
     logic = AbdomenKDSegLogic()
     logic.reuseWorker = reuse
@@ -74,8 +74,8 @@ def main(argv: list[str] | None = None) -> int:
 
     import slicer
 
-    from AbdomenKDSegLib.bundle import default_bundle_path
-    from AbdomenKDSegLib.logic import registerSegmentationConverters
+    from AbdomenKDSegLib.engine.bundle import default_bundle_path
+    from AbdomenKDSegLib.slicer.logic import registerSegmentationConverters
 
     from conftest import load_volume
 

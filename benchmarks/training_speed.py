@@ -57,7 +57,7 @@ def worker(recipe_name: str, iterations: int, device: str, threads: int) -> dict
     """Time ``iterations`` training iterations of ``recipe_name`` (coarse stage); returns a result dict."""
     import torch
 
-    from AbdomenKDSegLib.networks import count_parameters
+    from AbdomenKDSegLib.engine.networks import count_parameters
     from AbdomenKDSegLib.training.cli import resolve_recipe_path
     from AbdomenKDSegLib.training.data import build_coarse_cache, find_cases
     from AbdomenKDSegLib.training.losses import loss_weights

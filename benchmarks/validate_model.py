@@ -25,10 +25,10 @@ from typing import Dict, List, Optional, Sequence
 import numpy as np
 import SimpleITK as sitk
 
-from AbdomenKDSegLib.bundle import default_bundle_path, load_bundle
-from AbdomenKDSegLib.inference import Predictor
-from AbdomenKDSegLib.metrics import score_images
-from AbdomenKDSegLib.organs import BY_VALUE
+from AbdomenKDSegLib.engine.bundle import default_bundle_path, load_bundle
+from AbdomenKDSegLib.engine.inference import Predictor
+from AbdomenKDSegLib.engine.organs import BY_VALUE
+from AbdomenKDSegLib.evaluation.metrics import score_images
 
 REPO = Path(__file__).resolve().parents[1]
 DATA = REPO.parent / "shared" / "data"

@@ -11,23 +11,13 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 from . import __version__, output_paths
+from .engine.image_io import case_id, dicom_series_files, has_image_suffix
 from .errors import AbdomenKDSegError, InputError, UsageError
-from .image_io import dicom_series_files, has_image_suffix
 from .request import BACKENDS, DEVICES, ProgressMap
 
 
 def _format_warning(message, category, filename, lineno, file=None, line=None) -> str:  # noqa: ANN001
     return f"warning: {message}\n"
-
-
-def case_name(path: Path) -> str:
-    """Case identifier of an input: file name without image suffix and nnU-Net ``_0000`` channel tag."""
-    name = path.name
-    for suffix in (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd"):
-        if name.lower().endswith(suffix):
-            name = name[: -len(suffix)]
-            break
-    return name[:-5] if name.endswith("_0000") else name
 
 
 def find_cases(folder: Path) -> list[Path]:
@@ -65,7 +55,7 @@ class StageProgress:
 def print_summary(result, stream=None, organs: Sequence[int] | None = None) -> None:  # noqa: ANN001
     """Organ table (voxels, mL) and seconds per stage of a :class:`SegmentationResult`; ``organs``:
     the label values asked for (default all 13)."""
-    from .organs import ORGANS
+    from .engine.organs import ORGANS
 
     volumes = result.volumes_ml()
     lines = [f"{'label':>5}  {'organ':<22}{'voxels':>12}{'volume mL':>12}"]
@@ -94,7 +84,7 @@ class CaseJob:
 
     @property
     def name(self) -> str:
-        return case_name(self.input)
+        return case_id(self.input)
 
 
 @dataclass
@@ -115,7 +105,7 @@ def plan_segment(args: argparse.Namespace) -> SegmentPlan:
     existing file without ``--overwrite``, a missing or read-only folder, a wrong file type, two
     cases with the same output name.
     """
-    from .organs import resolve_organs
+    from .engine.organs import resolve_organs
 
     source = Path(args.input)
     if not source.exists():
@@ -165,7 +155,7 @@ def cmd_segment(args: argparse.Namespace) -> int:
     for folder in plan.create:
         folder.mkdir(parents=True, exist_ok=True)
         print(f"created the folder {folder}", file=sys.stderr)
-    from .inference import Predictor, segment_file
+    from .engine.inference import Predictor, segment_file
 
     predictor = Predictor(args.model, device=args.device, channels_last=not args.no_channels_last,
                           backend=args.backend)
@@ -203,8 +193,8 @@ def cmd_segment(args: argparse.Namespace) -> int:
 def _write_preview(job: CaseJob, labels_path: Path) -> None:
     import SimpleITK as sitk
 
-    from .image_io import read_image
-    from .preview import save_preview
+    from .engine.image_io import read_image
+    from .figures.preview import save_preview
 
     save_preview(read_image(job.input, check=False), sitk.ReadImage(str(labels_path)), job.preview,
                  title=f"AbdomenKDSeg: {job.name}")
@@ -216,8 +206,8 @@ def cmd_model_info(args: argparse.Namespace) -> int:
     the whole card as JSON."""
     import json
 
-    from .bundle import default_bundle_path, verify_bundle
-    from .model_card import summary_lines
+    from .engine.bundle import default_bundle_path, verify_bundle
+    from .engine.model_card import summary_lines
 
     path = Path(args.model) if args.model else default_bundle_path()
     header, card, tensors = verify_bundle(path)  # a corrupt, modified or old-format file stops here
@@ -301,25 +291,20 @@ def build_parser() -> argparse.ArgumentParser:
     info.add_argument("--json", action="store_true", help="print the whole model card as JSON")
     info.set_defaults(func=cmd_model_info)
 
-    for register in _optional_registrations():
+    for register in _subcommand_registrations():
         register(sub)
     return parser
 
 
-def _optional_registrations() -> list[Callable[[argparse._SubParsersAction], None]]:
-    """``register_cli`` of the evaluation, training, rendering and graph-cache modules."""
-    import importlib
+def _subcommand_registrations() -> list[Callable[[argparse._SubParsersAction], None]]:
+    """``register_cli`` of the evaluation, training, 3D-figure and graph-cache commands (each module
+    imports its heavy dependencies only when its command runs)."""
+    from .evaluation.evaluate import register_cli as evaluate
+    from .figures.render3d import register_cli as render_3d
+    from .runtimes.graph_cache import register_cli as cache
+    from .training.cli import register_cli as train
 
-    found = []
-    for name in ("evaluation", "training.cli", "render3d", "graph_cache"):
-        try:
-            module = importlib.import_module(f"{__package__}.{name}")
-        except ModuleNotFoundError as exc:  # a partial install without that part
-            if not (exc.name or "").startswith(f"{__package__}.{name.split('.')[0]}"):
-                raise
-            continue
-        found.append(module.register_cli)
-    return found
+    return [evaluate, train, render_3d, cache]
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -20,8 +20,8 @@ from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any, Callable, ClassVar, Sequence, TypeVar, Union
 
+from .engine.organs import ORGANS, Organ, resolve_organs
 from .errors import UsageError
-from .organs import ORGANS, Organ, resolve_organs
 
 #: Devices a segmentation can ask for: "auto" is CUDA when a GPU is available, else the CPU.
 DEVICES = ("auto", "cpu", "cuda")

@@ -1,6 +1,6 @@
 """Anatomy transfer: fit a smooth map that moves a labeled source CT's organs onto a target label map.
 
-All volumes are canonical-frame (Z, Y, X) arrays (see :mod:`AbdomenKDSegLib.geometry`) on axis-aligned
+All volumes are canonical-frame (Z, Y, X) arrays (see :mod:`AbdomenKDSegLib.engine.geometry`) on axis-aligned
 grids; positions are LPS millimetres in (z, y, x) order. The fitted map ``phi`` sends a point ``p`` of
 the *target* space to the source point ``A p + b + u(p)``: an affine part (initialised from organ
 centroids, restricted to a rotation and per-axis stretches within :data:`STRETCH_RANGE`) plus a dense
@@ -23,9 +23,9 @@ import SimpleITK as sitk
 import torch
 import torch.nn.functional as F
 
+from ..engine.geometry import to_canonical
+from ..engine.image_io import read_image
 from ..errors import InputError
-from ..geometry import to_canonical
-from ..image_io import read_image
 
 #: Per-axis stretch factors allowed in the affine part (the rest of the shape change is dense).
 STRETCH_RANGE = (0.8, 1.25)

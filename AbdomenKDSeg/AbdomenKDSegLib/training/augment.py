@@ -1,4 +1,4 @@
-"""Training augmentation "v4" of METHOD.md §3, in torch (affine_grid / grid_sample).
+"""Training augmentation "v4" of the paper's reference code (random affine, intensity, noise), in torch.
 
 Input: a raw-HU volume (Z, Y, X) and an integer label map (Z, Y, X) with values 0..13, or ``None``
 for an unlabeled case. Output: a z-scored patch (1, pz, py, px) and a soft one-hot label
@@ -29,7 +29,7 @@ from typing import Optional, Sequence, Tuple
 import torch
 import torch.nn.functional as F
 
-from ..preprocess import clip_and_zscore
+from ..engine.preprocess import clip_and_zscore
 from .recipe import AugmentConfig
 
 

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import os
 import random
-import tempfile
 import time
 from pathlib import Path
 from typing import Any, Dict, Optional
@@ -23,6 +22,7 @@ from typing import Any, Dict, Optional
 import numpy as np
 import torch
 
+from ..atomic_files import atomic_path
 from ..errors import AbdomenKDSegError
 
 PAUSE_ENV = "ABDOMENKDSEG_TEST_CKPT_PAUSE"
@@ -68,37 +68,15 @@ class _CountingWriter:
         self.fh.flush()
 
 
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(str(path), os.O_RDONLY)
-    except OSError:  # pragma: no cover - e.g. Windows
-        return
-    try:
-        os.fsync(fd)
-    except OSError:  # pragma: no cover
-        pass
-    finally:
-        os.close(fd)
-
-
 def save_checkpoint(state: Dict[str, Any], path: str | Path) -> Path:
-    """Write ``state`` to ``path`` atomically (temp file in the same folder, fsync, os.replace)."""
+    """Write ``state`` to ``path`` atomically (:func:`atomic_files.atomic_path`, fsync'ed)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     for stale in path.parent.glob(f".{path.name}.*.tmp"):  # left by a killed writer
         stale.unlink(missing_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=str(path.parent))
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            writer = _CountingWriter(fh, os.environ.get(PAUSE_ENV), tmp)
-            torch.save({"format": FORMAT, "format_version": FORMAT_VERSION, **state}, writer)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    _fsync_dir(path.parent)
+    with atomic_path(path, fsync=True) as tmp, open(tmp, "wb") as fh:
+        writer = _CountingWriter(fh, os.environ.get(PAUSE_ENV), str(tmp))
+        torch.save({"format": FORMAT, "format_version": FORMAT_VERSION, **state}, writer)
     _SAVES[0] += 1
     return path
 

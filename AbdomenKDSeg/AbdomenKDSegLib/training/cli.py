@@ -9,9 +9,7 @@ from typing import Any, Dict, List, Optional
 
 from ..errors import AbdomenKDSegError, InputError
 from ..request import DEVICES
-
-#: Recipe files shipped in the source tree (``Resources/recipes/<name>.yaml``).
-RECIPES_DIR = Path(__file__).resolve().parents[3] / "Resources" / "recipes"
+from ..resources import RECIPES_DIR
 
 
 def resolve_recipe_path(value: Optional[str]) -> Optional[Path]:

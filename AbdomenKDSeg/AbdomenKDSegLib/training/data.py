@@ -12,9 +12,9 @@ Cache (one folder per stage, written once and reused; no pickles)::
     <cache>/<stage>/<case>.label.npy   (Z, Y, X) uint8 labels (labeled cases only)
     <cache>/<stage>/<case>.json        provenance: source files, canonical geometry, crop box, key
 
-Coarse stage: the whole canonical volume resized to ``coarse_size``. Fine stage: the crop box of
-METHOD.md §3 (from the ground truth for labeled cases, from the coarse student's prediction for
-unlabeled cases) on the full-resolution canonical volume, resized to ``fine_size``. Images are resized
+Coarse stage: the whole canonical volume resized to ``coarse_size``. Fine stage: the organs' bounding
+box enlarged by the crop padding (from the ground truth for labeled cases, from the coarse student's
+prediction for unlabeled cases) on the full-resolution canonical volume, resized to ``fine_size``. Images are resized
 trilinearly (align_corners=True); labels as one-hot maps, trilinearly, then argmax (order 1).
 """
 
@@ -23,8 +23,6 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import os
-import tempfile
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,11 +31,12 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 import numpy as np
 import SimpleITK as sitk
 
+from ..atomic_files import atomic_path, atomic_write_text
+from ..engine.geometry import CanonicalGeometry, crop_box, to_canonical
+from ..engine.image_io import read_image, strip_image_suffix
+from ..engine.organs import NUM_CLASSES
+from ..engine.preprocess import resize_volume
 from ..errors import InputError
-from ..geometry import CanonicalGeometry, crop_box, to_canonical
-from ..image_io import IMAGE_SUFFIXES, read_image
-from ..organs import NUM_CLASSES
-from ..preprocess import resize_volume
 from .recipe import Recipe
 
 CACHE_VERSION = 1
@@ -66,17 +65,10 @@ class DataFiles:
     unlabeled: Tuple[CaseFiles, ...]
 
 
-def _strip_suffix(name: str) -> Optional[str]:
-    for suffix in IMAGE_SUFFIXES:
-        if name.lower().endswith(suffix):
-            return name[: -len(suffix)]
-    return None
-
-
 def _images_by_case(folder: Path) -> Dict[str, Path]:
     out: Dict[str, Path] = {}
     for path in sorted(folder.iterdir()):
-        stem = _strip_suffix(path.name)
+        stem = strip_image_suffix(path.name)
         if stem is None or not path.is_file() or path.name.startswith("."):
             continue
         if len(stem) < 6 or stem[-5] != "_" or not stem[-4:].isdigit():
@@ -105,7 +97,7 @@ def find_cases(data_dir: str | Path) -> DataFiles:
     images = _images_by_case(images_dir)
     labels: Dict[str, Path] = {}
     for path in sorted(labels_dir.iterdir()):
-        stem = _strip_suffix(path.name)
+        stem = strip_image_suffix(path.name)
         if stem is not None and path.is_file() and not path.name.startswith("."):
             labels[stem] = path
     no_label = sorted(set(images) - set(labels))
@@ -251,26 +243,8 @@ def _file_signature(path: Path) -> Dict:
 
 
 def _atomic_save_npy(path: Path, array: np.ndarray) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=str(path.parent))
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            np.save(fh, array, allow_pickle=False)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    """Write ``text`` to ``path`` through a temporary file in the same folder and a rename."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=str(path.parent))
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_path(path) as tmp, open(tmp, "wb") as fh:
+        np.save(fh, array, allow_pickle=False)
 
 
 def _cached(folder: Path, case: CaseFiles, key: Dict) -> Optional[CachedCase]:

@@ -10,7 +10,7 @@ from typing import Any, List
 import torch
 import torch.distributed as dist
 
-from ..inference import resolve_device
+from ..engine.inference import resolve_device
 
 
 @dataclass(frozen=True)
@@ -59,15 +59,6 @@ def all_gather_object(info: DistInfo, obj: Any) -> List[Any]:
     out: List[Any] = [None] * info.world_size
     dist.all_gather_object(out, obj)
     return out
-
-
-def broadcast_object(info: DistInfo, obj: Any) -> Any:
-    """Rank 0's ``obj`` on every rank."""
-    if not info.enabled:
-        return obj
-    box = [obj]
-    dist.broadcast_object_list(box, src=0)
-    return box[0]
 
 
 def pick_device(device: str, info: DistInfo) -> torch.device:

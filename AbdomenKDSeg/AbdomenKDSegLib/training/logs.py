@@ -14,6 +14,8 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Dict, List, Optional
 
+from ..atomic_files import atomic_path
+
 STEP_FIELDS = ["stage", "epoch", "step", "kind", "lr", "ramp", "lambda_dis", "lambda_ssl",
                "lambda_kl_unlabeled", "total", "seg_S", "seg_T1", "seg_T2", "kl", "ct_T1", "ct_T2", "psv",
                "seconds"]
@@ -156,7 +158,8 @@ def plot_losses(epochs_csv: Path, png: Path, title: str = "") -> None:
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
-    tmp = png.with_name(f".{png.name}.tmp.png")
-    fig.savefig(tmp, dpi=90)
-    plt.close(fig)
-    tmp.replace(png)
+    try:
+        with atomic_path(png, suffix=".png") as tmp:
+            fig.savefig(tmp, dpi=90)
+    finally:
+        plt.close(fig)

@@ -1,4 +1,5 @@
-"""Loss terms of METHOD.md §2 and their per-step combination for every recipe variant.
+"""Loss terms of the paper (Dice + Focal supervision, cross-teaching pseudo labels, distillation)
+and their per-step combination for every recipe variant.
 
 Tensors: logits and probabilities are (B, C, Z, Y, X) with C = 14 (background + 13 organs); class
 index maps are (B, Z, Y, X) int64. All losses are computed in float32.

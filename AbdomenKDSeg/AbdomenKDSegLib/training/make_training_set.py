@@ -18,8 +18,6 @@ Resumable: finished fits and cases are skipped on a re-run.
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 import time
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass, field
@@ -28,9 +26,9 @@ from typing import TYPE_CHECKING, Callable, Dict, List, Optional, Sequence, Tupl
 
 import numpy as np
 
+from ..atomic_files import atomic_path, atomic_write_text
+from ..engine.image_io import IMAGE_SUFFIXES, strip_image_suffix
 from ..errors import InputError
-from ..image_io import IMAGE_SUFFIXES
-from .data import atomic_write_text
 
 Progress = Optional[Callable[[str, int, int], None]]
 
@@ -49,10 +47,7 @@ class TargetCase:
 
 def case_stem(path: Path) -> str:
     """File name without its image suffix (``FLARE22_Tr_0001.nii.gz`` -> ``FLARE22_Tr_0001``)."""
-    for suffix in IMAGE_SUFFIXES:
-        if path.name.lower().endswith(suffix):
-            return path.name[: -len(suffix)]
-    return path.stem
+    return strip_image_suffix(path.name) or path.stem
 
 
 def find_targets(folder: Path, heldout: Sequence[str]) -> List[TargetCase]:
@@ -313,15 +308,8 @@ def write_case(image: np.ndarray, labels: np.ndarray, spacing, origin, image_pat
         itk = sitk.GetImageFromArray(array)
         itk.SetSpacing(tuple(float(s) for s in reversed(spacing)))
         itk.SetOrigin(tuple(float(v) for v in reversed(origin)))
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".nii.gz", dir=str(path.parent))
-        os.close(fd)
-        try:
-            sitk.WriteImage(itk, tmp, useCompression=True)
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        with atomic_path(path, suffix=".nii.gz") as tmp:
+            sitk.WriteImage(itk, str(tmp), useCompression=True)
 
 
 def save_case_preview(image: np.ndarray, labels: np.ndarray, target_on_grid: Optional[np.ndarray],
@@ -333,7 +321,7 @@ def save_case_preview(image: np.ndarray, labels: np.ndarray, target_on_grid: Opt
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from ..preview import DISPLAY_HU, label_colormap, save_figure_atomic
+    from ..figures.preview import DISPLAY_HU, label_colormap, save_figure_atomic
 
     lut = label_colormap(0.35)
     z = np.flatnonzero(labels.any(axis=(1, 2)))
@@ -529,7 +517,5 @@ def _copy_source(opts: GeneratorOptions, out: Path) -> None:
     for src, dst in ((opts.source_image, out / "imagesTr" / f"{name}_0000.nii.gz"),
                      (opts.source_labels, out / "labelsTr" / f"{name}.nii.gz")):
         if not dst.is_file():
-            dst.parent.mkdir(parents=True, exist_ok=True)
-            tmp = dst.with_name(f".{dst.name}.tmp")
-            shutil.copyfile(src, tmp)
-            os.replace(tmp, dst)
+            with atomic_path(dst) as tmp:
+                shutil.copyfile(src, tmp)

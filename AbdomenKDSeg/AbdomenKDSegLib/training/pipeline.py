@@ -24,9 +24,9 @@ import numpy as np
 import torch
 
 from .. import __version__
-from ..bundle import DEFAULT_PREPROCESSING, ModelBundle, save_bundle
+from ..engine.bundle import DEFAULT_PREPROCESSING, ModelBundle, save_bundle
+from ..engine.inference import resolve_device
 from ..errors import InputError
-from ..inference import resolve_device
 from .checkpoint import load_checkpoint
 from .data import (
     CachedCase,
@@ -79,13 +79,13 @@ def predict_unlabeled_masks(net: torch.nn.Module, cases: Sequence[CachedCase], f
                             device: torch.device, progress: bool = False) -> Dict[str, Path]:
     """Coarse label maps (argmax of the Gaussian-weighted sliding-window softmax) of unlabeled cases.
 
-    Uses the engine's :class:`~AbdomenKDSegLib.inference.Predictor` windows on the cached coarse
+    Uses the engine's :class:`~AbdomenKDSegLib.engine.inference.Predictor` windows on the cached coarse
     volumes, like the reference (``test_nopreprocess``: probability maps, argmax, no largest-component
     step). Saved as (Z, Y, X) uint8 .npy files; recomputed only when the network or the case changed.
     """
     from tqdm import tqdm
 
-    from ..inference import Predictor
+    from ..engine.inference import Predictor
 
     folder.mkdir(parents=True, exist_ok=True)
     model = copy.deepcopy(net).eval()

@@ -77,7 +77,7 @@ VARIANTS: Dict[str, Variant] = {
 
 @dataclass
 class AugmentConfig:
-    """Augmentation "v4" of METHOD.md §3 (``name: none`` = crop, clip, z-score and one-hot only)."""
+    """Augmentation "v4" (:mod:`training.augment`); ``name: none`` = crop, clip, z-score and one-hot only."""
 
     name: str = "v4"
     hu_shift: float = 1024.0  # added before padding/warping so that zero padding is -1024 HU
@@ -217,7 +217,7 @@ class Recipe:
             raise RecipeError(f"patch_size {self.patch_size} is larger than coarse_size {self.coarse_size}")
         if any(p > f for p, f in zip(self.patch_size, self.fine_size)):
             raise RecipeError(f"patch_size {self.patch_size} is larger than fine_size {self.fine_size} "
-                              "(inference windows have the fine size, METHOD.md §5)")
+                              "(inference windows have the fine size)")
 
 
 def load_recipe(path: str | Path | None = None, overrides: Optional[Dict[str, Any]] = None) -> Recipe:

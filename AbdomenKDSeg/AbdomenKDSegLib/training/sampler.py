@@ -1,4 +1,4 @@
-"""Two-stream sampler: labeled and unlabeled batches alternate 1:1 (METHOD.md §3).
+"""Two-stream sampler: labeled and unlabeled batches alternate 1:1, as in the paper's semi-supervised training.
 
 An epoch is one pass over this rank's share of the labeled cases in a fresh random order; after each
 labeled batch comes one unlabeled batch drawn from an endless stream that is reshuffled whenever it

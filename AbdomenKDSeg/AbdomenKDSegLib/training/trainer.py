@@ -18,8 +18,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..networks import NetworkConfig, build_network, student_config, teacher1_config, teacher2_config
-from ..organs import NUM_CLASSES
+from ..engine.networks import NetworkConfig, build_network, student_config, teacher1_config, teacher2_config
+from ..engine.organs import NUM_CLASSES
 from .augment import AugmentV4
 from .checkpoint import CheckpointError, get_rng_state, load_checkpoint, save_checkpoint, set_rng_state
 from .data import CachedCase
@@ -148,9 +148,6 @@ class StageTrainer:
     @property
     def checkpoint_path(self) -> Path:
         return self.folder / LATEST
-
-    def export_role(self) -> str:
-        return self.variant.export
 
     def export_network(self) -> Tuple[nn.Module, NetworkConfig]:
         """The network used at inference (S, or T1 for CTS) and its config."""

@@ -11,14 +11,13 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import os
-import tempfile
 from pathlib import Path
 from typing import Dict
 
 import numpy as np
 import torch
 
+from ..atomic_files import atomic_path
 from .anatomy_transfer import FitSettings, GridVolume, Transfer
 
 STORE_VERSION = 1
@@ -46,15 +45,8 @@ def save_transfer(path: Path, transfer: Transfer, key: str, seconds: float) -> N
             "dice_affine": {str(k): v for k, v in transfer.dice_affine.items()},
         }).encode(), dtype=np.uint8),
     }
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=str(path.parent))
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            np.savez(fh, **arrays)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_path(path) as tmp, open(tmp, "wb") as fh:
+        np.savez(fh, **arrays)
 
 
 def read_meta(path: Path) -> Dict:

@@ -15,7 +15,6 @@ from __future__ import annotations
 import math
 import os
 import re
-import tempfile
 import warnings
 import weakref
 from pathlib import Path
@@ -24,8 +23,9 @@ from typing import Optional, Sequence, Union
 import numpy as np
 import SimpleITK as sitk
 
+from ..atomic_files import atomic_path
+from ..errors import InputError
 from .body_mask import check_has_body
-from .errors import InputError
 from .nifti_check import check_nifti, is_nifti_name
 
 PathLike = Union[str, "os.PathLike[str]"]
@@ -66,6 +66,28 @@ class ObliqueWarning(UserWarning):
 def has_image_suffix(path: PathLike) -> bool:
     """True if the file name ends in one of :data:`IMAGE_SUFFIXES` (case-insensitive)."""
     return str(path).lower().endswith(IMAGE_SUFFIXES)
+
+
+#: nnU-Net's channel tag at the end of an image's case name (``case_0000.nii.gz``).
+NNUNET_CHANNEL_SUFFIX = "_0000"
+
+
+def strip_image_suffix(name: str) -> Optional[str]:
+    """A file name without its image suffix (:data:`IMAGE_SUFFIXES`), or None if it has none."""
+    for suffix in IMAGE_SUFFIXES:
+        if name.lower().endswith(suffix):
+            return name[: -len(suffix)]
+    return None
+
+
+def case_id(path: PathLike) -> str:
+    """Case identifier of an image, a label map or a DICOM folder: the name without its image suffix
+    and without the nnU-Net channel tag (``FLARE22_Tr_0001_0000.nii.gz`` -> ``FLARE22_Tr_0001``)."""
+    name = Path(path).name
+    name = strip_image_suffix(name) or name
+    if name.endswith(NNUNET_CHANNEL_SUFFIX) and len(name) > len(NNUNET_CHANNEL_SUFFIX):
+        name = name[: -len(NNUNET_CHANNEL_SUFFIX)]
+    return name
 
 
 def dicom_series_files(directory: PathLike) -> list[str]:
@@ -326,16 +348,6 @@ def _warn_if_not_ct(view: np.ndarray, name: str) -> None:
         )
 
 
-def make_temp_beside(path: Path, suffix: str) -> Path:
-    """An empty temporary file next to ``path`` with the permissions a normal new file gets."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix, dir=path.parent)
-    os.close(fd)
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o666 & ~umask)
-    return Path(tmp)
-
-
 def write_image_atomic(image: sitk.Image, path: PathLike, compress: bool = True) -> Path:
     """Write ``image`` to ``path`` through a temporary file in the same folder and a rename.
 
@@ -344,13 +356,7 @@ def write_image_atomic(image: sitk.Image, path: PathLike, compress: bool = True)
     out = Path(path)
     if not out.name.lower().endswith(OUTPUT_SUFFIXES):
         raise InputError(f"output {out}: unsupported file type (use one of {', '.join(OUTPUT_SUFFIXES)})")
-    out.parent.mkdir(parents=True, exist_ok=True)
     suffix = ".nii.gz" if out.name.lower().endswith(".nii.gz") else out.suffix
-    tmp = make_temp_beside(out, suffix)
-    try:
+    with atomic_path(out, suffix=suffix) as tmp:
         sitk.WriteImage(image, str(tmp), compress)
-        os.replace(tmp, out)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
     return out

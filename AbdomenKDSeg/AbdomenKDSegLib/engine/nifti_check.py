@@ -22,7 +22,7 @@ from typing import Iterator, Optional
 
 import numpy as np
 
-from .errors import InputError
+from ..errors import InputError
 
 #: Suffixes checked (lower case).
 NIFTI_SUFFIXES = (".nii", ".nii.gz")

@@ -11,9 +11,10 @@ from pathlib import Path
 import numpy as np
 import SimpleITK as sitk
 
-from .geometry import to_canonical
-from .image_io import PathLike, make_temp_beside
-from .organs import BY_VALUE, NUM_CLASSES
+from ..atomic_files import atomic_path
+from ..engine.geometry import to_canonical
+from ..engine.image_io import PathLike
+from ..engine.organs import BY_VALUE, NUM_CLASSES
 
 #: Display window for soft tissue (HU).
 DISPLAY_HU = (-160.0, 240.0)
@@ -91,11 +92,9 @@ def save_figure_atomic(fig, path: PathLike) -> Path:  # noqa: ANN001
     import matplotlib.pyplot as plt
 
     out = Path(path)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = make_temp_beside(out, ".png")
     try:
-        fig.savefig(tmp, dpi=100, facecolor="black", format="png")
-        tmp.replace(out)
+        with atomic_path(out, suffix=".png") as tmp:
+            fig.savefig(tmp, dpi=100, facecolor="black", format="png")
     finally:
         plt.close(fig)
         tmp.unlink(missing_ok=True)

@@ -24,12 +24,12 @@ import textwrap
 from pathlib import Path
 from typing import Any, Union
 
+from ..resources import DEFAULT_BUNDLE_NAME, MODEL_ENV, default_model_path  # noqa: F401  (re-exported)
+
 PathLike = Union[str, "os.PathLike[str]"]
 
-#: Same values as :mod:`bundle` (which imports torch, so they are repeated here; a test checks them).
+#: Same value as :data:`bundle.FORMAT` (bundle imports torch, so it is repeated here; a test checks it).
 FORMAT = "abdomen-kdseg-bundle"
-DEFAULT_BUNDLE_NAME = "abdomen-kdseg-default.safetensors"
-MODEL_ENV = "ABDOMENKDSEG_MODEL"
 #: A header larger than this is not a bundle's (a bundle's header is a few hundred kB at most).
 MAX_HEADER_BYTES = 64 * 2**20
 
@@ -38,12 +38,6 @@ class ModelCardError(ValueError):
     """The file is not a readable AbdomenKDSeg model bundle."""
 
 
-def default_model_path() -> Path:
-    """The model the module uses when none is chosen: ``$ABDOMENKDSEG_MODEL`` or the bundled one."""
-    env = os.environ.get(MODEL_ENV)
-    if env:
-        return Path(env)
-    return Path(__file__).resolve().parent.parent / "Resources" / "Models" / DEFAULT_BUNDLE_NAME
 
 
 def read_model_card(path: PathLike) -> dict[str, Any]:

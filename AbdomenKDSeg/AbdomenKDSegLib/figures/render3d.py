@@ -8,7 +8,7 @@ offscreen (no EGL/OSMesa/X), the same surfaces are drawn with matplotlib instead
 slices (coronal and axial, soft-tissue window) with the labels overlaid complete the figure.
 
 Command line: ``abdomen-kdseg render-3d LABELS OUT.png [--image CT] [--title T]`` or
-``python -m AbdomenKDSegLib.render3d LABELS OUT.png [--image CT]``.
+``python -m AbdomenKDSegLib.figures.render3d LABELS OUT.png [--image CT]``.
 """
 
 from __future__ import annotations
@@ -22,9 +22,9 @@ from typing import Sequence
 import numpy as np
 import SimpleITK as sitk
 
-from .geometry import to_canonical
-from .image_io import PathLike
-from .organs import BY_VALUE
+from ..engine.geometry import to_canonical
+from ..engine.image_io import PathLike
+from ..engine.organs import BY_VALUE
 from .preview import add_organ_legend, save_figure_atomic
 
 #: Display window for the CT slices (HU).
@@ -321,8 +321,8 @@ def register_cli(subparsers: argparse._SubParsersAction) -> argparse.ArgumentPar
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """``python -m AbdomenKDSegLib.render3d``."""
-    parser = argparse.ArgumentParser(prog="python -m AbdomenKDSegLib.render3d")
+    """``python -m AbdomenKDSegLib.figures.render3d``."""
+    parser = argparse.ArgumentParser(prog="python -m AbdomenKDSegLib.figures.render3d")
     sub = parser.add_subparsers(dest="command", required=True)
     register_cli(sub)
     args = parser.parse_args(["render-3d", *(sys.argv[1:] if argv is None else argv)])

@@ -19,7 +19,7 @@ from typing import Optional, Sequence
 import cc3d
 import numpy as np
 
-from .errors import InputError
+from ..errors import InputError
 
 #: Voxels above this value (HU) are the body's tissue (fat is about -100, lung about -850).
 BODY_HU = -500.0

@@ -1,4 +1,4 @@
-"""The coarse-to-fine predictor: CT image in, 13-organ label map out (DESIGN.md §2, METHOD.md §5).
+"""The coarse-to-fine predictor: CT image in, 13-organ label map out (the paper's two-stage inference).
 
 1. Reorient to the canonical frame (:mod:`geometry`).
 2. Coarse: whole volume -> 96x96x96 -> Gaussian-weighted 96x64x96 windows, half overlap, each
@@ -27,16 +27,16 @@ import numpy as np
 import SimpleITK as sitk
 import torch
 
+from ..errors import AbdomenKDSegError, InputError, UsageError
+from ..output_paths import check_output_file
+from ..request import BACKENDS, check_backend, resolve_device_name  # noqa: F401  (BACKENDS: re-exported)
 from .body_mask import check_has_body
 from .bundle import ModelBundle, load_bundle
-from .errors import AbdomenKDSegError, InputError, UsageError
 from .geometry import crop_box, from_canonical, to_canonical
 from .image_io import PathLike, read_image, validate_ct, was_validated, write_image_atomic
 from .organs import BY_VALUE, resolve_organs
-from .output_paths import check_output_file
 from .postprocess import largest_component_per_class
 from .preprocess import PAD_HU, clip_and_zscore, pad_to_min_size, resize_argmax, resize_volume
-from .request import BACKENDS, check_backend, resolve_device_name  # noqa: F401  (BACKENDS: re-exported)
 
 #: ``progress(stage, fraction)``: stage is a short human-readable name, fraction in [0, 1].
 ProgressCallback = Callable[[str, float], None]
@@ -234,7 +234,7 @@ class Predictor:
             return "torch"
         if backend != "auto":
             return backend
-        from . import onnx_backend, openvino_backend
+        from ..runtimes import onnx_backend, openvino_backend
 
         if openvino_backend.available():
             return "openvino"
@@ -243,7 +243,7 @@ class Predictor:
     def _make_runners(self) -> dict[str, Callable[[torch.Tensor], torch.Tensor]]:
         nets = {"coarse": self.bundle.coarse, "fine": self.bundle.fine}
         if self.backend in ("onnx", "openvino"):
-            from . import onnx_backend, openvino_backend
+            from ..runtimes import onnx_backend, openvino_backend
 
             module = onnx_backend if self.backend == "onnx" else openvino_backend
             return {stage: module.make_runner(net, self.window, self.bundle.sha256, stage)

@@ -21,7 +21,7 @@ and ``compute_surface_dice_at_tolerance``), which the official FLARE22 script ``
   ties such as 2 slices x 2.5 mm = 5 mm are exact in both.
 
 FLARE22 protocol rules (see :func:`score_organ`): the tolerance of each organ is
-``Organ.nsd_tolerance_mm`` from :mod:`AbdomenKDSegLib.organs`; an organ absent from both maps scores
+``Organ.nsd_tolerance_mm`` from :mod:`AbdomenKDSegLib.engine.organs`; an organ absent from both maps scores
 DSC = NSD = 1, absent from only one scores 0; NSD is 0 wherever DSC < 0.2; for tubular organs
 (``Organ.tubular``: aorta, IVC, esophagus) only the axial slices labeled in the reference count, and,
 exactly like the official script (``gt[:, :, z_min:z_max]`` with ``z_max`` the *last* labeled index),
@@ -42,8 +42,8 @@ from typing import Iterable, Optional, Sequence
 import numpy as np
 import SimpleITK as sitk
 
-from .errors import InputError
-from .organs import ORGANS, Organ
+from ..engine.organs import ORGANS, Organ
+from ..errors import InputError
 
 Box = tuple[slice, slice, slice]
 

@@ -2,21 +2,21 @@
 
 This is the one engine module that imports ``slicer``, and it uses only MRML classes (no Qt, CTK
 or ``slicer.app``), so it runs both inside Slicer and with the ``slicer-core`` package from PyPI.
-It never imports torch: the network runs in a worker process (:mod:`AbdomenKDSegLib.worker`,
-started and followed by :mod:`AbdomenKDSegLib.worker_client`) that exchanges files with it:
+It never imports torch: the network runs in a worker process (:mod:`AbdomenKDSegLib.slicer.worker`,
+started and followed by :mod:`AbdomenKDSegLib.slicer.worker_client`) that exchanges files with it:
 
 1. the input volume node is written to a temporary ``.nrrd`` with a volume storage node;
 2. the worker segments it (a :class:`~AbdomenKDSegLib.request.SegmentRequest`) and writes a uint8
    label map ``.nrrd`` (same geometry), reporting progress as JSON lines on its stdout;
 3. the label map is read back with a storage node and turned into one segment per organ (name,
-   color and SNOMED CT terminology from :mod:`AbdomenKDSegLib.organs`), sharing one labelmap
+   color and SNOMED CT terminology from :mod:`AbdomenKDSegLib.engine.organs`), sharing one labelmap
    layer, with the input volume as reference geometry; the temporary files are deleted.
    With ``keepCoarseResult`` (and the fine stage on) the worker also writes the coarse stage's
    result at full resolution, which fills a second segmentation "<volume name> organs (coarse)"
    the same way, to compare coarse and fine.
 
 The worker is persistent (``reuseWorker``, on by default): the first run starts it, later runs
-find the model already loaded (see :mod:`AbdomenKDSegLib.worker_client`); a different model file
+find the model already loaded (see :mod:`AbdomenKDSegLib.slicer.worker_client`); a different model file
 (or the same file changed on disk), device or backend makes the worker load that model.
 :meth:`AbdomenKDSegLogic.shutdownWorker` ends it (the module calls it when its widget is cleaned
 up, the scene closes or the application quits; a logic that is garbage-collected ends its worker
@@ -51,9 +51,9 @@ from typing import Any, Callable, Optional, Sequence
 import slicer
 import vtk
 
-from .errors import AbdomenKDSegError, BundleError, InputError
-from .organs import BY_KEY, BY_VALUE, ORGANS, Organ
-from .request import (
+from ..engine.organs import BY_KEY, BY_VALUE, ORGANS, Organ
+from ..errors import AbdomenKDSegError, BundleError, InputError
+from ..request import (
     BACKEND_NAMES,
     ENGINE_STAGES,
     DoneEvent,
@@ -257,7 +257,7 @@ class AbdomenKDSegLogic:
 
     def __init__(self) -> None:
         self.pythonExecutable: str | list[str] = _default_python_executable()
-        self.workerModule: str = "AbdomenKDSegLib.worker"
+        self.workerModule: str = "AbdomenKDSegLib.slicer.worker"
         self.workerExtraArgs: list[str] = []
         self.modelPath: str | None = None
         self.fineStage: bool = True

@@ -22,16 +22,15 @@ from __future__ import annotations
 
 import inspect
 import io
-import os
 import sys
 import threading
 import warnings
-from pathlib import Path
 from typing import Callable, Optional, Sequence, TypeVar
 
 import numpy as np
 import torch
 
+from ..atomic_files import atomic_write_bytes
 from . import graph_cache
 from .graph_cache import CACHE_ENV, cache_dir  # noqa: F401 (CACHE_ENV: re-exported, the tests use it)
 
@@ -85,19 +84,6 @@ def export_onnx(net: torch.nn.Module, window_zyx: Sequence[int]) -> bytes:
     return buffer.getvalue()
 
 
-def _write_atomic(data: bytes, path: Path) -> None:
-    """Write ``data`` to ``path`` through a temporary file in the same folder and a rename."""
-    import tempfile
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 _ARENA_LOCK = threading.Lock()
@@ -212,7 +198,7 @@ def cached_graph(net: torch.nn.Module, window_zyx: Sequence[int], sha256: Option
     model = export_onnx(net, window_zyx)
     if path is not None:
         try:
-            _write_atomic(model, path)
+            atomic_write_bytes(path, model)
         except OSError as exc:
             warnings.warn(f"cannot cache the ONNX graph in {path.parent} ({exc}); it is kept in memory",
                           RuntimeWarning, stacklevel=2)

@@ -12,7 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from numbers import Integral
 
-from .errors import UsageError
+from ..errors import UsageError
 
 #: SNOMED CT category code of every organ in the table.
 CATEGORY = ("SCT", "123037004", "Anatomical Structure")

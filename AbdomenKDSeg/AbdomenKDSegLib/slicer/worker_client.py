@@ -1,7 +1,7 @@
 """The client side of the worker process: start it, send it a request, follow its events, cancel it.
 
 Pure Python (no ``slicer``, no torch): :mod:`.logic` runs every segmentation through it. The
-network runs in ``python -m AbdomenKDSegLib.worker`` (see :mod:`.worker` for its protocol):
+network runs in ``python -m AbdomenKDSegLib.slicer.worker`` (see :mod:`.worker` for its protocol):
 
 - persistent (:class:`WorkerSettings` ``persistent=True``, the logic's default): the first run
   starts a serving worker (``--serve``); later runs send it their :class:`~.request.SegmentRequest`
@@ -36,8 +36,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence, Union
 
-from .errors import AbdomenKDSegError
-from .request import (
+from ..errors import AbdomenKDSegError
+from ..request import (
     KEY_ENV,
     USER_ERRORS,
     DoneEvent,
@@ -47,9 +47,10 @@ from .request import (
     WorkerEvent,
     parse_event,
 )
+from ..resources import LIBRARY_PARENT
 
 #: The worker's module (``python -m``).
-WORKER_MODULE = "AbdomenKDSegLib.worker"
+WORKER_MODULE = "AbdomenKDSegLib.slicer.worker"
 #: Seconds allowed for a killed worker to disappear.
 CANCEL_TIMEOUT_S = 2.0
 
@@ -76,7 +77,7 @@ def python_command(executable: str | os.PathLike[str] | Sequence[str]) -> list[s
 
 def library_parent() -> Path:
     """Folder that contains the ``AbdomenKDSegLib`` package (put on the worker's PYTHONPATH)."""
-    return Path(__file__).resolve().parent.parent
+    return LIBRARY_PARENT
 
 
 def worker_environment() -> dict[str, str]:

@@ -1,12 +1,12 @@
 """Worker process of the Slicer module: runs :func:`inference.segment_file` and reports over stdout.
 
-Started by :mod:`AbdomenKDSegLib.worker_client` (for the Slicer logic) in one of two modes:
+Started by :mod:`AbdomenKDSegLib.slicer.worker_client` (for the Slicer logic) in one of two modes:
 
-- one-shot: ``<python> -m AbdomenKDSegLib.worker --input IN.nrrd --output OUT.nrrd [--model M]
+- one-shot: ``<python> -m AbdomenKDSegLib.slicer.worker --input IN.nrrd --output OUT.nrrd [--model M]
   [--device D] [--backend B] [--organs 1,5,13] [--no-fine] [--coarse-output COARSE.nrrd]
   [--threads N] [--parent-pid PID] [--watch-stdin]``: one segmentation (the options of a
   :class:`~AbdomenKDSegLib.request.SegmentRequest`), then the process exits;
-- serve (the logic's default): ``<python> -m AbdomenKDSegLib.worker --serve [--parent-pid PID]
+- serve (the logic's default): ``<python> -m AbdomenKDSegLib.slicer.worker --serve [--parent-pid PID]
   [--watch-stdin] [--threads N]``: a persistent worker that keeps the loaded networks between
   runs, so a second segmentation pays neither the interpreter start, nor the imports, nor the
   model loading (:class:`Engine`). It listens on a local, authenticated connection
@@ -63,7 +63,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any, Callable, TextIO
 
-from .request import (
+from ..request import (
     KEY_ENV,
     DoneEvent,
     ErrorEvent,
@@ -121,7 +121,7 @@ def protocol_stream() -> TextIO:
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """Command-line options of the worker; ``.request``: the one-shot mode's :class:`SegmentRequest`."""
-    p = argparse.ArgumentParser(prog="python -m AbdomenKDSegLib.worker", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog="python -m AbdomenKDSegLib.slicer.worker", description=__doc__.splitlines()[0])
     p.add_argument("--serve", action="store_true",
                    help="persistent worker: serve requests over a local connection (see the module's help)")
     add_request_arguments(p, required=False)
@@ -178,7 +178,7 @@ def _unique_messages(caught: list[warnings.WarningMessage], *more: Any) -> list[
 def _run_engine(request: SegmentRequest, events: EventWriter, segment: SegmentFunction | None,
                 caught: list[warnings.WarningMessage]) -> int:
     """The segmentation itself; warnings are recorded in ``caught``."""
-    from .errors import AbdomenKDSegError, BundleError, InputError
+    from ..errors import AbdomenKDSegError, BundleError, InputError
 
     def error(kind: str, message: str) -> None:
         events.emit(ErrorEvent(type=kind, message=message, warnings=tuple(_unique_messages(caught))))
@@ -239,7 +239,7 @@ class Engine:
 
         if threads > 0:
             torch.set_num_threads(threads)
-        from . import inference
+        from ..engine import inference
 
         self._inference = inference
         self.predictor: Any = None
@@ -252,7 +252,7 @@ class Engine:
     @staticmethod
     def model_key(model: Any, device: str, backend: str) -> tuple[Any, ...]:
         """What identifies a loaded predictor: the model file as it is now, device and backend."""
-        from .bundle import default_bundle_path
+        from ..engine.bundle import default_bundle_path
 
         path = Path(model) if model is not None else default_bundle_path()
         try:
@@ -489,7 +489,7 @@ def serve(args: argparse.Namespace, events: EventWriter, key: bytes,
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Entry point of ``python -m AbdomenKDSegLib.worker``."""
+    """Entry point of ``python -m AbdomenKDSegLib.slicer.worker``."""
     faulthandler.enable(file=sys.stderr)
     args = parse_args(argv)
     exit_when_orphaned(args.parent_pid, watch_stdin=args.watch_stdin)

@@ -1,4 +1,4 @@
-"""Residual-USE-Net (teachers T1/T2) and Mobile-Residual-USE-Net (student S), METHOD.md §1.
+"""Residual-USE-Net (teachers T1/T2) and Mobile-Residual-USE-Net (student S) of the paper.
 
 All networks take a float tensor of shape (B, in_channels, Z, Y, X) (z-scored CT, axis order as in
 SimpleITK arrays) and return logits of shape (B, num_classes, Z, Y, X). Every spatial size must be
@@ -25,14 +25,14 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Optional
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..errors import InputError
 from .depthwise_conv import DepthwiseConv3d
-from .errors import InputError
 
 __all__ = [
     "NetworkConfig",
@@ -42,8 +42,6 @@ __all__ = [
     "build_network",
     "init_weights",
     "count_parameters",
-    "measure_flops",
-    "student_test_time_flops",
     "ResidualUSENet",
     "DepthwiseSeparableConv3d",
     "ResizeConv3d",
@@ -53,9 +51,6 @@ __all__ = [
 UPSAMPLING_MODES = ("transposed", "resize")
 NORM_EPS = 1e-5
 LRELU_SLOPE = 0.01
-# Paper (Table 5 / text): student 21.7 G "FLOPs" for coarse + fine inference, counted with ptflops.
-PAPER_STUDENT_GFLOPS = 21.7
-TEST_WINDOW_ZYX = (96, 64, 96)
 
 
 @dataclass
@@ -387,63 +382,6 @@ def build_network(cfg: NetworkConfig) -> ResidualUSENet:
 def count_parameters(module: nn.Module, trainable_only: bool = False) -> int:
     """Number of parameters (all, or only those with requires_grad)."""
     return sum(p.numel() for p in module.parameters() if p.requires_grad or not trainable_only)
-
-
-# --------------------------------------------------------------------------------------------------
-# FLOPs
-
-
-def _module_device(model: nn.Module) -> torch.device:
-    for p in model.parameters():
-        return p.device
-    return torch.device("cpu")
-
-
-def measure_flops(model: nn.Module, input_shape: Sequence[int]) -> int:
-    """FLOPs of one forward pass on a zero input of input_shape (B, C, Z, Y, X).
-
-    Uses torch.utils.flop_counter.FlopCounterMode, which counts only matmul/conv-like ops
-    (2 FLOPs per multiply-accumulate; norms, activations, biases, SE pooling not counted).
-    Works with a model on the "meta" device (no real compute).
-    """
-    from torch.utils.flop_counter import FlopCounterMode
-
-    x = torch.zeros(tuple(int(n) for n in input_shape), device=_module_device(model))
-    counter = FlopCounterMode(display=False)
-    with torch.no_grad(), counter:
-        model(x)
-    return int(counter.get_total_flops())
-
-
-def student_test_time_flops(model: Optional[nn.Module] = None) -> Dict[str, Any]:
-    """FLOPs of the student at test time: two coarse windows + one fine window of (1, 1, 96, 64, 96).
-
-    The coarse 96^3 volume gives 2 sliding windows of 96x64x96 (50% overlap along Y); the fine crop is
-    one window. If model is None a full-width student is built on the meta device (no real compute).
-    FlopCounterMode counts 2 FLOPs per multiply-accumulate (conv/matmul only); ptflops, which the paper
-    used, reports MACs. The paper's 21.7 G equals the conv MACs of ONE 96x96x96 input (also returned,
-    as ``gmacs_single_96cube``), not of the three test-time windows.
-    """
-    if model is None:
-        with torch.device("meta"):
-            model = build_network(student_config())
-    shape: Tuple[int, ...] = (1, 1) + TEST_WINDOW_ZYX
-    per_window = measure_flops(model, shape)
-    cube = measure_flops(model, (1, 1, 96, 96, 96))
-    n_windows = 3
-    total = per_window * n_windows
-    return {
-        "window_shape": list(shape),
-        "n_windows": n_windows,
-        "flops_per_window": per_window,
-        "flops_total": total,
-        "macs_total": total // 2,
-        "gflops_total": total / 1e9,
-        "gmacs_total": total / 2e9,
-        "flops_single_96cube": cube,
-        "gmacs_single_96cube": cube / 2e9,
-        "paper_g": PAPER_STUDENT_GFLOPS,
-    }
 
 
 def xavier_normal_std(weight: torch.Tensor) -> float:

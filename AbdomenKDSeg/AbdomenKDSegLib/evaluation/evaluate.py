@@ -9,7 +9,7 @@ challenge convention for a failed case. Predictions without reference are ignore
 A prediction whose size, spacing, origin or direction differs from its reference is an error naming
 the case. A label map (prediction or reference) must hold whole numbers 0..13: a non-integer image
 (a CT in float HU, a probability map) or values outside the organ labels (a CT's HU values) is an
-error naming the file and the values. Scores follow :mod:`AbdomenKDSegLib.metrics` (spacing from the
+error naming the file and the values. Scores follow :mod:`AbdomenKDSegLib.evaluation.metrics` (spacing from the
 reference header). Output CSVs are checked before anything is read: their folder must exist (none is
 created), and they must not be folders or input label maps.
 
@@ -35,12 +35,12 @@ import numpy as np
 import SimpleITK as sitk
 from tqdm import tqdm
 
-from .errors import InputError
+from ..engine.image_io import case_id
+from ..engine.organs import ORGANS, Organ
+from ..errors import InputError
 from .metrics import score_label_maps
-from .organs import ORGANS, Organ
 
 LABEL_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".mha", ".mhd")
-NNUNET_CHANNEL_SUFFIX = "_0000"
 #: Geometry tolerances: spacing and origin in mm, direction cosines unitless.
 SPACING_TOL_MM = 1e-3
 ORIGIN_TOL_MM = 1e-3
@@ -89,18 +89,6 @@ class EvaluationResult:
 
 # ----------------------------------------------------------------------------------------------------
 # Cases and files
-
-
-def case_id(path: Path) -> str:
-    """Case id of a label file: name without extension and without a trailing ``_0000``."""
-    name = Path(path).name
-    for suffix in LABEL_SUFFIXES:
-        if name.lower().endswith(suffix):
-            name = name[: -len(suffix)]
-            break
-    if name.endswith(NNUNET_CHANNEL_SUFFIX) and len(name) > len(NNUNET_CHANNEL_SUFFIX):
-        name = name[: -len(NNUNET_CHANNEL_SUFFIX)]
-    return name
 
 
 def _is_label_file(path: Path) -> bool:

@@ -18,7 +18,7 @@ identity of the bundle (:attr:`ModelBundle.sha256`, the key of the CPU runtimes'
 Format version 1 (until 2026-12) hashed the tensors only; such a bundle is refused with a message
 saying how to convert it once, keeping its weights and card::
 
-    python -m AbdomenKDSegLib.bundle upgrade OLD.safetensors [NEW.safetensors]
+    python -m AbdomenKDSegLib.engine.bundle upgrade OLD.safetensors [NEW.safetensors]
 
 (:func:`upgrade_bundle`; without NEW the file is replaced in place, atomically).
 
@@ -40,8 +40,9 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from .errors import BundleError
-from .image_io import make_temp_beside
+from ..atomic_files import atomic_path
+from ..errors import BundleError
+from ..resources import DEFAULT_BUNDLE_NAME, MODEL_ENV, default_model_path  # noqa: F401  (re-exported)
 from .networks import NetworkConfig, ResidualUSENet
 from .organs import NUM_CLASSES, ORGANS
 
@@ -49,9 +50,6 @@ FORMAT = "abdomen-kdseg-bundle"
 FORMAT_VERSION = "2"
 #: Older versions :func:`upgrade_bundle` converts to :data:`FORMAT_VERSION`.
 UPGRADABLE_VERSIONS = ("1",)
-DEFAULT_BUNDLE_NAME = "abdomen-kdseg-default.safetensors"
-#: Environment variable that overrides the bundled default model.
-MODEL_ENV = "ABDOMENKDSEG_MODEL"
 
 PathLike = Union[str, "os.PathLike[str]"]
 
@@ -87,10 +85,7 @@ class ModelBundle:
 
 def default_bundle_path() -> Path:
     """The model used when none is given: ``$ABDOMENKDSEG_MODEL`` or the bundled default."""
-    env = os.environ.get(MODEL_ENV)
-    if env:
-        return Path(env)
-    return Path(__file__).resolve().parent.parent / "Resources" / "Models" / DEFAULT_BUNDLE_NAME
+    return default_model_path()
 
 
 def label_table() -> list[dict[str, Any]]:
@@ -174,17 +169,11 @@ def write_bundle(path: PathLike, tensors: dict[str, torch.Tensor], card: dict[st
         "metadata": json.dumps(card, sort_keys=True),
     }
     out = Path(path)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = make_temp_beside(out, ".tmp")
-    try:
+    with atomic_path(out) as tmp:
         save_file(tensors, str(tmp), metadata=header)
         umask = os.umask(0)
         os.umask(umask)
         os.chmod(tmp, 0o666 & ~umask)  # safetensors writes 0600; a bundle gets a normal new file's mode
-        os.replace(tmp, out)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
     return out
 
 
@@ -220,7 +209,7 @@ def read_bundle_metadata(path: PathLike) -> tuple[dict[str, str], dict[str, Any]
         raise BundleError(
             f"{p} is a model bundle of the older format version {version}, whose checksum does not cover "
             f"its model card; this version reads format {FORMAT_VERSION}. Convert it once (weights and card "
-            f"kept): python -m AbdomenKDSegLib.bundle upgrade {p} NEW.safetensors"
+            f"kept): python -m AbdomenKDSegLib.engine.bundle upgrade {p} NEW.safetensors"
         )
     if version != FORMAT_VERSION:
         raise BundleError(
@@ -258,7 +247,7 @@ def upgrade_bundle(path: PathLike, out: PathLike | None = None) -> Path:
     """Re-save an older-format bundle (version 1) in the current format, same tensors and card.
 
     The old checksum (tensors only) is verified first. ``out`` defaults to ``path`` (replaced
-    atomically). Also ``python -m AbdomenKDSegLib.bundle upgrade OLD [NEW]``.
+    atomically). Also ``python -m AbdomenKDSegLib.engine.bundle upgrade OLD [NEW]``.
     """
     p = Path(path)
     header, card = _read_header(p)
@@ -335,10 +324,10 @@ def _build_stage(
 
 
 def _main(argv: list[str] | None = None) -> int:
-    """``python -m AbdomenKDSegLib.bundle upgrade OLD [NEW]``: convert an older-format bundle."""
+    """``python -m AbdomenKDSegLib.engine.bundle upgrade OLD [NEW]``: convert an older-format bundle."""
     import argparse
 
-    parser = argparse.ArgumentParser(prog="python -m AbdomenKDSegLib.bundle",
+    parser = argparse.ArgumentParser(prog="python -m AbdomenKDSegLib.engine.bundle",
                                      description="Model bundle maintenance.")
     sub = parser.add_subparsers(dest="command", required=True)
     up = sub.add_parser("upgrade", help=f"re-save an older bundle in format version {FORMAT_VERSION} "

@@ -49,8 +49,8 @@ STALE_TMP_S = 3600.0
 #: A graph file name (see onnx_backend.cache_name); ``key`` identifies the bundle (its SHA-256 prefix).
 GRAPH_RE = re.compile(r"^(?P<key>[0-9A-Za-z]+)-(?P<stage>coarse|fine)-\d+x\d+x\d+-torch[0-9A-Za-z_.]+"
                       r"-opset\d+-v[0-9A-Za-z_]+\.onnx$")
-#: A temporary file of the atomic write of a graph (``tempfile.mkstemp(prefix=name + ".", suffix=".tmp")``).
-TMP_RE = re.compile(r"^(?P<graph>.+\.onnx)\.[^./]+\.tmp$")
+#: A temporary file of the atomic write of a graph (:func:`atomic_files.atomic_path`: ``.<name>.<random>.tmp``).
+TMP_RE = re.compile(r"^\.(?P<graph>.+\.onnx)\.[^./]+\.tmp$")
 #: OpenVINO's compiled model files in the old flat layout (``openvino/<digits>.blob``).
 LEGACY_BLOB_RE = re.compile(r"^\d+\.blob$")
 

@@ -1,0 +1,1 @@
+"""Scoring: DSC / NSD metrics and the FLARE-style `evaluate` command."""
