@@ -18,6 +18,7 @@ import SimpleITK as sitk
 import torch
 
 from AbdomenKDSegLib.engine.bundle import load_bundle
+from AbdomenKDSegLib.errors import InputError
 from AbdomenKDSegLib.training.checkpoint import (
     get_rng_state,
     load_checkpoint,
@@ -119,6 +120,34 @@ def test_stage_trainer_resumes_bitwise(tmp_path):
 
     assert len(epoch_means("part3")) == 2
     assert epoch_means("part3") == epoch_means("full")  # means include the steps before the stop
+
+
+def test_init_from_bundle_starts_each_stage_from_its_network(tmp_path):
+    """Fine-tuning: the student of each stage starts from the bundle's coarse / fine weights (not
+    random), trains from there, and a bundle of another architecture is refused with both named."""
+    from engine_helpers import make_tiny_bundle
+
+    bundle_path = make_tiny_bundle(tmp_path / "start.safetensors", seed=7, base_features=4)
+    bundle = load_bundle(bundle_path)
+    cases = synthetic_cases(tmp_path / "cache", 2, 0)
+    tiny = {"base_features": 4, "max_features": 32}  # the tiny bundle's student
+    recipe = tiny_recipe(variant="fsl", student=tiny, epochs=1, init_from=str(bundle_path))
+    for stage in ("coarse", "fine"):
+        t = StageTrainer(stage, recipe, cases["labeled"], [], tmp_path / stage, torch.device("cpu"),
+                         progress=False)
+        assert_bitwise_equal({k: v for k, v in t.nets["S"].state_dict().items()},
+                             dict(getattr(bundle, stage).state_dict()))
+        t.start(resume=False)
+        assert t.run() is True
+        assert any(not torch.equal(a, b) for a, b in zip(t.nets["S"].state_dict().values(),
+                                                          getattr(bundle, stage).state_dict().values()))
+    random_start = StageTrainer("coarse", tiny_recipe(variant="fsl", student=tiny, epochs=1), cases["labeled"], [],
+                                tmp_path / "random", torch.device("cpu"), progress=False)
+    assert not torch.equal(next(iter(random_start.nets["S"].state_dict().values())),
+                           next(iter(bundle.coarse.state_dict().values())))
+    with pytest.raises(InputError, match="does not fit the recipe's S network"):
+        StageTrainer("coarse", tiny_recipe(variant="fsl", epochs=1, init_from=str(bundle_path)), cases["labeled"],
+                     [], tmp_path / "other", torch.device("cpu"), progress=False)
 
 
 def test_max_steps_counts_the_steps_of_each_call(tmp_path):
@@ -377,6 +406,16 @@ def test_train_help_documents_max_steps_and_exit_codes(capsys):
     with pytest.raises(SystemExit) as exit_info:
         parser.parse_args(["train", "--data", "d", "--out", "o", "--max-steps", "0"])
     assert exit_info.value.code == 2
+
+
+def test_train_command_init_from_a_missing_bundle_is_refused_before_any_work(tmp_path, capsys):
+    from AbdomenKDSegLib.cli import main
+
+    code = main(["train", "--data", str(tmp_path / "data"), "--out", str(tmp_path / "run"),
+                 "--init-from", str(tmp_path / "absent.safetensors")])
+    err = capsys.readouterr().err
+    assert code == 1 and "--init-from" in err and "no such model bundle" in err
+    assert not (tmp_path / "run").exists()
 
 
 @pytest.mark.slow

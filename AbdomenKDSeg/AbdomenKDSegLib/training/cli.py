@@ -93,7 +93,12 @@ def cmd_train(args: argparse.Namespace) -> int:
         import torch
 
         torch.set_num_threads(args.threads)
-    recipe = load_recipe(resolve_recipe_path(args.config), parse_overrides(args.set or []))
+    overrides = parse_overrides(args.set or [])
+    if args.init_from is not None:
+        if not Path(args.init_from).is_file():
+            raise InputError(f"--init-from {args.init_from}: no such model bundle")
+        overrides["init_from"] = str(Path(args.init_from).resolve())
+    recipe = load_recipe(resolve_recipe_path(args.config), overrides)
     result = train(recipe, args.data, args.out, resume=args.resume, cache_dir=args.cache, device=args.device,
                    max_steps=args.max_steps, progress=not args.quiet)
     if not result.completed:
@@ -184,6 +189,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="continue the run in --out from its latest checkpoints")
     p.add_argument("--device", default="auto", choices=DEVICES)
     p.add_argument("--cache", default=None, help="preprocessing cache folder (default RUN_DIR/cache)")
+    p.add_argument("--init-from", default=None, metavar="BUNDLE",
+                   help="fine-tune: start each stage's student from this model bundle's coarse/fine network "
+                        "(e.g. the shipped model) instead of random weights; recorded in the recipe")
     p.add_argument("--set", action="append", metavar="KEY=VALUE",
                    help="override a recipe value, e.g. --set epochs=50 --set augment.scale_axis=labelled")
     p.add_argument("--max-steps", type=positive_int, default=None, metavar="N",

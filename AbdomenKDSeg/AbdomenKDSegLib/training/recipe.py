@@ -143,6 +143,9 @@ class Recipe:
     fold_seed: int = 12345
     # network overrides (keyword arguments of networks.student_config / teacher1_config / teacher2_config)
     student: Dict[str, Any] = field(default_factory=dict)
+    # fine-tuning: a model bundle (.safetensors) whose coarse and fine networks start the exported
+    # network of each stage (S; T1 for CTS) instead of random weights; None: the paper's random init
+    init_from: Optional[str] = None
     teacher: Dict[str, Any] = field(default_factory=dict)
     augment: AugmentConfig = field(default_factory=AugmentConfig)
     amp: bool = True  # mixed precision on CUDA (always fp32 on CPU)

@@ -20,6 +20,7 @@ from torch import nn
 
 from ..engine.networks import NetworkConfig, build_network, student_config, teacher1_config, teacher2_config
 from ..engine.organs import NUM_CLASSES
+from ..errors import InputError
 from .augment import AugmentV4
 from .checkpoint import CheckpointError, get_rng_state, load_checkpoint, save_checkpoint, set_rng_state
 from .data import CachedCase
@@ -112,6 +113,8 @@ class StageTrainer:
         self.configs = network_configs(recipe, self.variant)
         torch.manual_seed(_stage_seed(recipe.seed, stage))  # identical initial weights on every rank
         self.nets = {role: build_network(cfg).to(self.device) for role, cfg in self.configs.items()}
+        if recipe.init_from:
+            self._init_from_bundle(Path(recipe.init_from))
         self.ensemble = Ensemble(self.nets)
         self.model: nn.Module = self.ensemble
         if self.dist.enabled:
@@ -131,6 +134,25 @@ class StageTrainer:
         self.logger: Optional[TrainingLogger] = None
 
     # ------------------------------------------------------------------ helpers
+    def _init_from_bundle(self, path: Path) -> None:
+        """Copy the verified bundle's network of this stage into the exported role (fine-tuning).
+
+        A bundle whose architecture differs from the recipe's student raises :class:`InputError`
+        naming both; a missing, corrupt or tampered bundle raises the bundle's own error.
+        """
+        from ..engine.bundle import load_bundle
+
+        source = getattr(load_bundle(path, device="cpu"), self.stage)
+        role = self.variant.export
+        try:
+            self.nets[role].load_state_dict(source.state_dict())
+        except RuntimeError as exc:
+            first = str(exc).strip().splitlines()[0]
+            raise InputError(f"init_from {path}: its {self.stage} network does not fit the recipe's {role} "
+                             f"network (different architecture: set the recipe's student options to the "
+                             f"bundle's; {first})") from None
+        self.log(f"[{self.stage}] {role} starts from the weights of {path}")
+
     def _has_unused_parameters(self) -> bool:
         """True if some network gets no gradient in unlabeled steps (DDP must then search for them)."""
         if not self.variant.unlabeled:
