@@ -4,9 +4,10 @@ Thin layer over the engine: the GUI (:class:`AbdomenKDSegWidget`) edits a parame
 drives :class:`AbdomenKDSegLib.slicer.logic.AbdomenKDSegLogic` (re-exported here as
 ``AbdomenKDSegLogic``), which runs the network in a separate worker process. Nothing here
 imports torch or the other engine dependencies at module load time, so the module appears in
-Slicer before those packages are installed; they are installed on first use, in steps: torch
-(PyTorch extension), the required packages, then the optional faster CPU runtimes
-(:func:`AbdomenKDSegLib.dependencies.ensure_packages`). The self-test never installs anything.
+Slicer before those packages are installed; they are installed on first use, in steps: the
+required packages, the CPU runtimes (OpenVINO, ONNX Runtime), then torch through the PyTorch
+extension only for GPU use (:func:`AbdomenKDSegLib.dependencies.ensure_packages`). The self-test
+never installs anything.
 
 User-visible strings are translatable (``_()`` / ``translate`` of ``slicer.i18n``, with a
 pass-through fallback where that is unavailable, e.g. slicer-core in the tests).
@@ -92,9 +93,9 @@ Running again into an existing segmentation replaces only the organ segments thi
 segments you added are kept, and the module asks before it fills a segmentation of another
 volume. Warnings (e.g. a partial field of view), organs not found and each organ's volume in mL are
 shown under the button. The network runs in a separate process:
-<b>Cancel</b> stops it at once and a crash cannot affect Slicer. On first use PyTorch (through the
-PyTorch extension) and a few small Python packages are installed, then, optionally, OpenVINO and
-ONNX Runtime for faster CPU runs; the <i>Packages</i> section shows what is installed.
+<b>Cancel</b> stops it at once and a crash cannot affect Slicer. On first use a few small Python packages and
+the CPU runtimes OpenVINO and ONNX Runtime are installed; PyTorch (through the PyTorch extension) is
+needed only for GPU use. The <i>Packages</i> section shows what is installed.
 See the <a href="https://github.com/AbdomenKDSeg/SlicerAbdomenKDSeg">documentation</a>.
 """)
         self.parent.acknowledgementText = _("""
@@ -194,12 +195,13 @@ def requirementsFiles() -> tuple:
 
 
 def ensurePythonPackages(requirementsPath: str, optionalPath: Optional[str] = None, log=print,
-                         optional: Optional[bool] = None, reinstall: bool = False):
-    """Install what is missing, in steps: torch (PyTorch extension), required, then optional packages.
+                         optional: Optional[bool] = None, reinstall: bool = False, gpu: bool = False):
+    """Install what is missing, in steps: required packages, CPU runtimes, then torch (PyTorch
+    extension) only for GPU use (``gpu``) or when no CPU runtime could be installed.
 
-    ``optional``: None installs the optional runtimes only together with the required packages
-    (first use); their failure is a warning in the returned report. Raises DependencyError when a
-    required package stays missing.
+    ``optional``: None installs the CPU runtimes together with the required packages (first use)
+    or when none is installed; their failure is a warning in the returned report. Raises
+    DependencyError when a required package stays missing.
     """
     constraintsPath = os.path.join(tempfile.gettempdir(), "AbdomenKDSeg-pip-constraints.txt")
     return dependencies.ensure_packages(
@@ -212,13 +214,19 @@ def ensurePythonPackages(requirementsPath: str, optionalPath: Optional[str] = No
         ensure_torch=lambda: ensurePyTorch(log),
         optional=optional,
         reinstall=reinstall,
+        gpu=gpu,
     )
 
 
 def missingRequiredPackages(requirementsPath: Optional[str] = None) -> list:
-    """Texts of the required packages (torch included) that are missing or too old."""
+    """Texts of the required packages that are missing or too old, and of a missing CPU runtime (OpenVINO
+    or ONNX Runtime; PyTorch also does, slower)."""
     path = requirementsPath or requirementsFiles()[0]
-    return [status.text() for status in dependencies.package_status(path) if status.required and not status.satisfied]
+    missing = [status.text() for status in dependencies.package_status(path)
+               if status.required and not status.satisfied]
+    if not dependencies.cpu_runtime_available(requirementsFiles()[1]) and not dependencies.torch_available():
+        missing.append(_("a CPU runtime: openvino or onnxruntime"))
+    return missing
 
 
 #
@@ -461,15 +469,18 @@ class AbdomenKDSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.logTextEdit.appendPlainText(text)
 
     def installPackages(self, optional: Optional[bool] = None, reinstall: bool = False) -> None:
-        """Run the install steps; optional packages that fail are shown as a warning, not an error."""
+        """Run the install steps; CPU runtimes that fail are shown as a warning, not an error. PyTorch
+        is installed only for GPU use (device CUDA, or Auto on a computer with an NVIDIA driver)."""
+        device = self._parameterNode.device.lower() if self._parameterNode is not None else "auto"
+        gpu = device == "cuda" or (device == "auto" and dependencies.cuda_driver_present())
         try:
             report = ensurePythonPackages(self.resourcePath("requirements.txt"),
                                           self.resourcePath("requirements-optional.txt"), self.addLog,
-                                          optional=optional, reinstall=reinstall)
+                                          optional=optional, reinstall=reinstall, gpu=gpu)
         finally:
             self.updatePackagesList()
         if report.warnings:
-            slicer.util.warningDisplay("\n\n".join(report.warnings), _("Optional packages not installed"))
+            slicer.util.warningDisplay("\n\n".join(report.warnings), _("CPU runtimes not installed"))
 
     def onInstallDependencies(self) -> None:
         with slicer.util.tryWithErrorDisplay(_("Failed to install the Python packages."), waitCursor=True):
@@ -562,6 +573,7 @@ class AbdomenKDSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                                                                              summary=info.summary())
         self._showResults(info.notes())
         self._showVolumes(info.volumeRows())
+        self._showVolumeRanges(info.organTable())
         slicer.util.setSliceViewerLayers(background=self._parameterNode.inputVolume)
 
     def _showResults(self, notes: list) -> None:
@@ -580,6 +592,25 @@ class AbdomenKDSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             table.setItem(row, 1, item)
         table.resizeColumnToContents(0)
         table.setVisible(bool(rows))
+
+    def _showVolumeRanges(self, organRows: list) -> None:
+        """Third column of the volume table: each organ's FLARE22 1st-99th percentile range (scaled by
+        the field of view) and LOW/HIGH outside it (rows as :meth:`RunInfo.organTable`, the CLI's table)."""
+        table = self.ui.volumesTableWidget
+        table.setColumnCount(3)
+        table.setHorizontalHeaderLabels([_("Organ"), _("Volume (mL)"), _("FLARE22 range (mL)")])
+        byName = {row.organ.name: row for row in organRows}
+        for index in range(table.rowCount):
+            row = byName.get(table.item(index, 0).text() if table.item(index, 0) else "")
+            if row is None:
+                continue
+            text = row.range_text + ({"low": _("  LOW"), "high": _("  HIGH")}.get(row.status, ""))
+            item = qt.QTableWidgetItem(text)
+            item.setToolTip(row.flag_text or _("Inside the range of the 50 FLARE22 reference label maps."))
+            if row.flagged:
+                item.setForeground(qt.QBrush(qt.QColor("orange")))
+            table.setItem(index, 2, item)
+        table.resizeColumnToContents(1)
 
     def onCancel(self) -> None:
         self.logic.cancel()

@@ -89,7 +89,7 @@ def test_cuda_out_of_memory_retries_on_the_cpu():
             labels, info = predictor.predict(image)
     finally:
         torch.cuda.set_per_process_memory_fraction(1.0)
-    assert info.device == "cpu" and info.gpu_peak_mb is None and predictor.device.type == "cpu"
+    assert info.device == "cpu" and info.gpu_peak_mb is None and predictor.device == "cpu"
     a, b = sitk.GetArrayFromImage(expected), sitk.GetArrayFromImage(labels)
     assert (a != b).mean() < 1e-5
 

@@ -1,4 +1,4 @@
-"""First-use install in steps (torch, required, optional) and the package list of the Slicer panel.
+"""First-use install in steps (required, CPU runtimes, torch only for GPU use) and the Slicer panel's package list.
 
 ``importlib.metadata.version`` is replaced by a fake "installed packages" table and the pip call by
 a recorder that "installs" into that table (or fails), so nothing is installed for real. The
@@ -78,23 +78,26 @@ def test_package_list_shows_versions_and_what_is_missing(fake):
     fake.installed.update({"torch": "2.4.1", "fastremap": "1.15.0", "connected-components-3d": "3.18.0",
                            "openvino": "2024.4.0"})
     rows = dependencies.package_status(REQUIRED, OPTIONAL)
-    assert [r.name for r in rows] == ["torch", "connected-components-3d", "fastremap", "safetensors",
-                                      "onnxruntime", "openvino"]
+    assert [r.name for r in rows] == ["connected-components-3d", "fastremap", "safetensors",
+                                      "onnxruntime", "openvino", "torch"]
     assert [r.text() for r in rows] == [
-        "torch 2.4.1", "connected-components-3d 3.18.0", "fastremap 1.15.0", "safetensors: not installed",
-        "onnxruntime: not installed (optional: faster CPU runs)", "openvino 2024.4.0 (optional: faster CPU runs)"]
-    assert [r.required for r in rows] == [True, True, True, True, False, False]
+        "connected-components-3d 3.18.0", "fastremap 1.15.0", "safetensors: not installed",
+        "onnxruntime: not installed (CPU runtime: one of the two is needed)",
+        "openvino 2024.4.0 (CPU runtime: one of the two is needed)",
+        "torch 2.4.1 (PyTorch extension: only for GPU use)"]
+    assert [r.required for r in rows] == [True, True, True, False, False, False]
     fake.installed["fastremap"] = "1.0"
-    assert dependencies.package_status(REQUIRED)[2].text() == "fastremap 1.0: too old, fastremap>=1.14 needed"
+    assert dependencies.package_status(REQUIRED)[1].text() == "fastremap 1.0: too old, fastremap>=1.14 needed"
 
 
-def test_first_use_installs_torch_then_required_then_each_optional(fake, tmp_path):
+def test_first_use_installs_required_then_each_cpu_runtime_and_no_torch(fake, tmp_path):
     asked = []
     report = run(fake, tmp_path, confirm=lambda m: asked.append(m) or True)
-    assert fake.steps == ["torch", "pip connected-components-3d fastremap safetensors", "pip onnxruntime",
-                          "pip openvino"]
-    assert len(asked) == 1  # one question names both the required and the optional packages
-    assert "safetensors>=0.4" in asked[0] and "openvino>=2024.3" in asked[0] and "Optional" in asked[0]
+    assert fake.steps == ["pip connected-components-3d fastremap safetensors", "pip onnxruntime",
+                          "pip openvino"]  # a CPU runtime installed: PyTorch is not needed
+    assert len(asked) == 1  # one question names both the required packages and the CPU runtimes
+    assert "safetensors>=0.4" in asked[0] and "openvino>=2024.3" in asked[0] and "CPU runtimes" in asked[0]
+    assert "only for GPU use" in asked[0]
     constraints = str(tmp_path / "constraints.txt")
     assert all(call[:2] == ["-c", constraints] for call in fake.calls)
     pins = (tmp_path / "constraints.txt").read_text().split()
@@ -102,6 +105,16 @@ def test_first_use_installs_torch_then_required_then_each_optional(fake, tmp_pat
     assert report.required == ["connected-components-3d>=3.12", "fastremap>=1.14", "safetensors>=0.4"]
     assert report.optional == ["onnxruntime>=1.16", "openvino>=2024.3"] and report.warnings == []
     assert run(fake, tmp_path).required == [] and fake.calls[-1][-1] == "openvino>=2024.3"  # nothing more
+    run(fake, tmp_path, gpu=True)  # a CUDA run: PyTorch through the extension, nothing else
+    assert fake.steps[-1] == "torch" and fake.calls[-1][-1] == "openvino>=2024.3"
+
+
+def test_torch_is_installed_when_no_cpu_runtime_can_be(fake, tmp_path):
+    fake.failing = {"openvino", "onnxruntime"}
+    report = run(fake, tmp_path)
+    assert fake.steps == ["pip connected-components-3d fastremap safetensors", "pip onnxruntime", "pip openvino",
+                          "torch"]
+    assert len(report.warnings) == 2 and "PyTorch" in report.warnings[0]
 
 
 def test_optional_failure_is_only_a_warning(fake, tmp_path):
@@ -109,8 +122,9 @@ def test_optional_failure_is_only_a_warning(fake, tmp_path):
     report = run(fake, tmp_path)
     assert report.required and report.optional == ["onnxruntime>=1.16"]
     assert len(report.warnings) == 1
-    assert "openvino could not be installed" in report.warnings[0] and "runs with PyTorch" in report.warnings[0]
-    assert any(line.startswith("Warning: the optional package openvino") for line in report.logs)
+    assert "openvino could not be installed" in report.warnings[0] and "other runtime" in report.warnings[0]
+    assert any(line.startswith("Warning: the CPU runtime openvino") for line in report.logs)
+    assert "torch" not in fake.steps  # ONNX Runtime runs the CPU segmentation
     assert "safetensors" in fake.installed  # the required step was done before
 
 
@@ -118,31 +132,36 @@ def test_required_failure_stops_before_the_optional_step(fake, tmp_path):
     fake.failing = {"fastremap"}
     with pytest.raises(dependencies.DependencyError, match="installing these Python packages failed"):
         run(fake, tmp_path)
-    assert fake.steps == ["torch", "pip connected-components-3d fastremap safetensors"]
+    assert fake.steps == ["pip connected-components-3d fastremap safetensors"]
 
 
-def test_declining_installs_nothing_and_torch_comes_first(fake, tmp_path):
+def test_declining_installs_nothing_and_torch_only_for_gpu(fake, tmp_path):
     with pytest.raises(dependencies.DependencyError, match="needs these Python packages"):
         run(fake, tmp_path, confirm=lambda m: False)
-    assert fake.steps == ["torch"] and fake.calls == []
+    assert fake.steps == [] and fake.calls == []
 
     def no_torch():
         raise dependencies.DependencyError("PyTorch extension missing")
 
+    fake.installed.update({"connected-components-3d": "3.18", "fastremap": "1.15", "safetensors": "0.4.5",
+                           "openvino": "2024.4"})
+    dependencies.ensure_packages(REQUIRED, OPTIONAL, lambda m: 1 / 0, fake.pip, tmp_path / "c.txt",
+                                 ensure_torch=no_torch)  # CPU: no PyTorch asked for
     with pytest.raises(dependencies.DependencyError, match="PyTorch extension missing"):
         dependencies.ensure_packages(REQUIRED, OPTIONAL, lambda m: 1 / 0, fake.pip, tmp_path / "c.txt",
-                                     ensure_torch=no_torch)
+                                     ensure_torch=no_torch, gpu=True)
     assert fake.calls == []
 
 
 def test_later_runs_do_not_retry_missing_optional_packages_unless_asked(fake, tmp_path):
     fake.installed.update({"torch": "2.4.0", "connected-components-3d": "3.18", "fastremap": "1.15",
-                           "safetensors": "0.4.5"})
+                           "safetensors": "0.4.5", "openvino": "2024.4"})
     assert run(fake, tmp_path, confirm=lambda m: 1 / 0).optional == []  # Segment: no question, no pip
     assert fake.calls == []
-    report = run(fake, tmp_path, optional=True)  # the "Install missing" button
-    assert report.optional == ["onnxruntime>=1.16", "openvino>=2024.3"] and fake.steps[-2:] == [
-        "pip onnxruntime", "pip openvino"]
+    report = run(fake, tmp_path, optional=True)  # the "Install missing" button: the missing runtime
+    assert report.optional == ["onnxruntime>=1.16"] and fake.steps[-1:] == ["pip onnxruntime"]
+    del fake.installed["openvino"], fake.installed["onnxruntime"]
+    assert run(fake, tmp_path).optional == ["onnxruntime>=1.16", "openvino>=2024.3"]  # none: retried
 
 
 def test_reinstall_forces_the_packages_but_never_their_dependencies(fake, tmp_path):

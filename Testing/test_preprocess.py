@@ -1,4 +1,4 @@
-"""Resizing (trilinear, align_corners=True, slab-wise) and intensity windowing."""
+"""Resizing (trilinear, align_corners=True, slab-wise, numpy) and intensity windowing, against PyTorch."""
 
 from __future__ import annotations
 
@@ -17,15 +17,15 @@ def test_slabwise_resize_equals_whole_volume_interpolate(out_shape):
     expected = F.interpolate(torch.from_numpy(src)[None, None], size=out_shape, mode="trilinear",
                              align_corners=True)[0, 0]
     got = resize_volume(src, out_shape, slab=3)
-    assert got.shape == out_shape
-    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+    assert got.shape == out_shape and got.dtype == np.float32
+    np.testing.assert_allclose(got, expected.numpy(), atol=1e-5, rtol=1e-5)
 
 
 def test_resize_keeps_linear_functions_exact_and_integer_input():
     # trilinear interpolation reproduces a linear function exactly, whatever the sizes
     z, y, x = np.meshgrid(np.arange(6), np.arange(5), np.arange(7), indexing="ij")
     src = (3 * z - 2 * y + x + 100).astype(np.int16)
-    out = resize_volume(src, (11, 9, 13)).numpy()
+    out = resize_volume(src, (11, 9, 13))
     zo, yo, xo = np.meshgrid(np.linspace(0, 5, 11), np.linspace(0, 4, 9), np.linspace(0, 6, 13), indexing="ij")
     np.testing.assert_allclose(out, 3 * zo - 2 * yo + xo + 100, atol=1e-4)
 
@@ -36,14 +36,14 @@ def test_resize_round_trip_on_shared_grid_points():
     src = rng.normal(size=(5, 6, 4)).astype(np.float32)
     up = resize_volume(src, (9, 11, 7))
     back = resize_volume(up, (5, 6, 4))
-    np.testing.assert_allclose(back.numpy(), src, atol=1e-5)
+    np.testing.assert_allclose(back, src, atol=1e-5)
 
 
 def test_resize_argmax_matches_full_interpolation():
     rng = np.random.default_rng(3)
     probs = torch.softmax(torch.from_numpy(rng.normal(size=(4, 6, 5, 7)).astype(np.float32)), dim=0)
     full = F.interpolate(probs[None], size=(13, 9, 10), mode="trilinear", align_corners=True)[0]
-    labels = resize_argmax(probs, (13, 9, 10), slab=4)
+    labels = resize_argmax(probs.numpy(), (13, 9, 10), slab=4)
     assert labels.dtype == np.uint8 and labels.shape == (13, 9, 10)
     # ties could differ by rounding; random data has none at this precision
     np.testing.assert_array_equal(labels, full.argmax(0).numpy())
@@ -54,20 +54,31 @@ def test_resize_rejects_bad_rank():
         resize_volume(np.zeros((4, 4)), (2, 2, 2))
 
 
-def test_clip_and_zscore():
-    x = torch.tensor([-1000.0, -300.0, 0.0, 300.0, 2000.0])
-    out = clip_and_zscore(x)
+@pytest.mark.parametrize("kind", ["numpy", "torch"])
+def test_clip_and_zscore(kind):
+    values = [-1000.0, -300.0, 0.0, 300.0, 2000.0]
+    x = np.array(values, np.float32) if kind == "numpy" else torch.tensor(values)
+    out = np.asarray(clip_and_zscore(x, -300.0, 300.0))
     clipped = np.array([-300.0, -300.0, 0.0, 300.0, 300.0])
-    np.testing.assert_allclose(out.numpy(), (clipped - clipped.mean()) / (clipped.std() + 1e-5), rtol=1e-6)
-    assert clip_and_zscore(torch.full((3, 3), 50.0)).abs().max() == 0  # constant window: no division by 0
+    np.testing.assert_allclose(out, (clipped - clipped.mean()) / (clipped.std() + 1e-5), rtol=1e-6)
+    const = np.full((3, 3), 50.0, np.float32) if kind == "numpy" else torch.full((3, 3), 50.0)
+    assert np.abs(np.asarray(clip_and_zscore(const, -300.0, 300.0))).max() == 0  # constant: no division by 0
+
+
+def test_clip_and_zscore_numpy_equals_torch_on_ct():
+    rng = np.random.default_rng(4)
+    x = rng.normal(0, 400, size=(20, 16, 24)).astype(np.float32)
+    got = clip_and_zscore(x, -300.0, 300.0)
+    assert got.dtype == np.float32
+    np.testing.assert_allclose(got, clip_and_zscore(torch.from_numpy(x), -300.0, 300.0).numpy(), atol=2e-6)
 
 
 def test_pad_to_min_size_pads_with_air_and_recovers_region():
-    vol = torch.arange(2 * 3 * 4, dtype=torch.float32).reshape(2, 3, 4)
+    vol = np.arange(2 * 3 * 4, dtype=np.float32).reshape(2, 3, 4)
     padded, region = pad_to_min_size(vol, (5, 3, 6))
     assert padded.shape == (5, 3, 6)
-    torch.testing.assert_close(padded[region], vol)
-    assert padded[0].eq(-1024).all() and padded[:, :, 0].eq(-1024).all()
+    np.testing.assert_array_equal(padded[region], vol)
+    assert (padded[0] == -1024).all() and (padded[:, :, 0] == -1024).all()
 
 
 def test_resize_argmax_shortcut_is_exact_on_real_organ_shapes():
@@ -85,6 +96,6 @@ def test_resize_argmax_shortcut_is_exact_on_real_organ_shapes():
     probs = probs / probs.sum(0, keepdim=True)
     out_shape = (40, 70, 90)
     full = F.interpolate(probs[None], size=out_shape, mode="trilinear", align_corners=True)[0].argmax(0).numpy()
-    fast = resize_argmax(probs, out_shape, slab=7, chunk=1000)  # small slabs/chunks exercise the loops
+    fast = resize_argmax(probs.numpy(), out_shape, slab=7, chunk=1000)  # small slabs/chunks exercise the loops
     assert len(np.unique(full)) >= 10
     assert (fast != full).mean() < 1e-4  # float rounding may only flip exact ties

@@ -43,7 +43,7 @@ def test_all_off_is_crop_clip_zscore_and_one_hot():
     aug = make((20, 16, 20), pad_factor=1.0, **OFF)
     x, y = aug(image, label)
     assert x.shape == (1, 20, 16, 20) and y.shape == (14, 20, 16, 20)
-    assert torch.allclose(x, clip_and_zscore(image[None]), atol=1e-6)
+    assert torch.allclose(x, clip_and_zscore(image[None], -300.0, 300.0), atol=1e-6)
     assert torch.equal(y.argmax(0), label)
     assert torch.allclose(y.sum(0), torch.ones(20, 16, 20), atol=1e-6)
     assert y.max() == pytest.approx(1.0) and y[0][label == 3].max() < 1e-6  # only +1e-7 on background

@@ -154,10 +154,10 @@ def test_coarse_and_fine_cache(tmp_path):
     fine = build_fine_cache(list(files.labeled + files.unlabeled), tmp_path / "cache", recipe,
                             {"u0": tmp_path / "u0.npy"})
     ct, label = _phantom()
-    box = crop_box(label > 0, label.shape, (3.0, 2.0, 2.0), 1.1)
+    box = crop_box(label > 0, label.shape, (3.0, 2.0, 2.0), 1.1, (240.0, 160.0, 240.0))
     assert json.loads(fine[0].meta_path.read_text())["box"] == [[s.start, s.stop] for s in box]
     assert fine[0].load()[0].shape == (16, 8, 16)
-    ubox = crop_box(mask > 0, label.shape, (3.0, 2.0, 2.0), 1.1)
+    ubox = crop_box(mask > 0, label.shape, (3.0, 2.0, 2.0), 1.1, (240.0, 160.0, 240.0))
     assert fine[1].meta()["box"] == [[s.start, s.stop] for s in ubox]
     with pytest.raises(InputError, match="no coarse prediction"):
         build_fine_cache(list(files.unlabeled), tmp_path / "cache2", recipe, {})

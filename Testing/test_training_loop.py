@@ -348,7 +348,8 @@ def test_pipeline_resume_matches_uninterrupted_run(data_dir, tmp_path, uninterru
     assert_same_run(a.out_dir, tmp_path / "b")
     ba = load_bundle(a.bundle)  # same weights and card as b's (assert_same_run)
     assert ba.trained
-    assert ba.preprocessing["coarse_size_zyx"] == [32, 32, 32] and ba.preprocessing["window_zyx"] == [32, 16, 32]
+    assert ba.preprocessing.coarse_size_zyx == (32, 32, 32) and ba.preprocessing.window_zyx == (32, 16, 32)
+    assert ba.metadata["preprocessing"] == recipe.preprocessing.to_dict()  # the recipe's settings, stored
 
 
 def test_pipeline_max_steps_with_resume_advances_across_stages(data_dir, tmp_path, uninterrupted_run):

@@ -426,8 +426,8 @@ SELF_TEST_SCRIPT = LOAD_SCRIPT.split("parent = types.SimpleNamespace()")[0].repl
     """)) + textwrap.dedent("""
     import importlib.metadata, slicer
     real_version = importlib.metadata.version
-    def version(name):  # a test machine without PyTorch
-        if name == "torch":
+    def version(name):  # a test machine without fastremap (PyTorch is not needed on the CPU)
+        if name == "fastremap":
             raise importlib.metadata.PackageNotFoundError(name)
         return real_version(name)
     importlib.metadata.version = version
@@ -451,6 +451,6 @@ def test_self_test_skips_with_a_clear_message_when_a_package_is_missing():
     assert result["errors"] == [] and result["testsRun"] == 1
     assert len(result["skipped"]) == 1
     reason = result["skipped"][0]
-    assert reason.startswith("AbdomenKDSeg self-test skipped: these Python packages are not installed: torch")
+    assert reason.startswith("AbdomenKDSeg self-test skipped: these Python packages are not installed: fastremap")
     assert "Packages section" in reason
     assert result["shown"] == [reason]  # shown in Slicer too, and nothing was loaded or run

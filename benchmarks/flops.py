@@ -21,7 +21,6 @@ from typing import Any, Dict, Optional, Sequence, Tuple
 import torch
 from torch import nn
 
-from AbdomenKDSegLib.engine.bundle import DEFAULT_PREPROCESSING
 from AbdomenKDSegLib.engine.networks import (
     build_network,
     count_parameters,
@@ -29,6 +28,7 @@ from AbdomenKDSegLib.engine.networks import (
     teacher1_config,
     teacher2_config,
 )
+from AbdomenKDSegLib.engine.preprocess import Preprocessing
 
 SHAPES = {"window_96x64x96": (1, 1, 96, 64, 96), "cube_96": (1, 1, 96, 96, 96)}
 
@@ -70,7 +70,7 @@ def student_test_time_flops(model: Optional[nn.Module] = None) -> Dict[str, Any]
     if model is None:
         with torch.device("meta"):
             model = build_network(student_config())
-    shape: Tuple[int, ...] = (1, 1) + tuple(DEFAULT_PREPROCESSING["window_zyx"])
+    shape: Tuple[int, ...] = (1, 1) + tuple(Preprocessing().window_zyx)
     per_window = measure_flops(model, shape)
     cube = measure_flops(model, (1, 1, 96, 96, 96))
     n_windows = 3

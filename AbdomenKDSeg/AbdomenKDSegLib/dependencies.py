@@ -6,18 +6,21 @@ here is testable anywhere. Packages that Slicer ships itself (numpy, SimpleITK, 
 (installed by the PyTorch extension) are never installed from here, and a pip constraints file
 pins the installed versions of the former so that no dependency can replace them.
 
-Installing is done in steps (:func:`ensure_packages`): torch first (through the PyTorch extension,
-by the caller's ``ensure_torch``), then the required packages (``requirements.txt``; their failure
-stops the segmentation), then the optional runtimes OpenVINO and ONNX Runtime
-(``requirements-optional.txt``), each in its own pip call: their failure only costs speed (a
-warning; the engine runs the networks with PyTorch). :func:`package_status` lists what is installed.
+Installing is done in steps (:func:`ensure_packages`): the required packages (``requirements.txt``;
+their failure stops the segmentation), then the CPU runtimes OpenVINO and ONNX Runtime
+(``requirements-optional.txt``), each in its own pip call (one is enough: the CPU segmentation runs
+with either, without PyTorch), then torch through the PyTorch extension (the caller's
+``ensure_torch``) **only for GPU use** or when neither runtime could be installed.
+:func:`package_status` lists what is installed.
 """
 
 from __future__ import annotations
 
+import ctypes
 import importlib.metadata
 import importlib.util
 import re
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterable, Optional, Sequence
@@ -32,7 +35,9 @@ TORCH_REQUIREMENT = ">=2.1"  # load_state_dict(assign=True) of bundle.py
 REQUIRED_FILE = "requirements.txt"
 OPTIONAL_FILE = "requirements-optional.txt"
 #: What each optional package is for, shown in the panel.
-OPTIONAL_PURPOSE = "optional: faster CPU runs"
+OPTIONAL_PURPOSE = "CPU runtime: one of the two is needed"
+#: What torch is for, shown in the panel.
+TORCH_PURPOSE = "PyTorch extension: only for GPU use"
 
 _NAME = re.compile(r"^\s*([A-Za-z0-9][A-Za-z0-9._-]*)")
 
@@ -158,8 +163,9 @@ class PackageStatus:
     satisfied: bool
 
     def text(self) -> str:
-        """``"fastremap 1.15.0"``, ``"openvino: not installed (optional: faster CPU runs)"``."""
-        role = "" if self.required else f" ({OPTIONAL_PURPOSE})"
+        """``"fastremap 1.15.0"``, ``"openvino: not installed (CPU runtime: one of the two is needed)"``."""
+        purpose = TORCH_PURPOSE if self.name == "torch" else OPTIONAL_PURPOSE
+        role = "" if self.required else f" ({purpose})"
         if self.version is None:
             return f"{self.name}: not installed{role}"
         if not self.satisfied:
@@ -168,16 +174,35 @@ class PackageStatus:
 
 
 def package_status(required_file: str | Path, optional_file: str | Path | None = None) -> list[PackageStatus]:
-    """torch, the required packages, then the optional ones, each with its installed version."""
+    """The required packages, the CPU runtimes, then torch (GPU use only), each with its installed version."""
     rows = []
-    entries = [(f"torch{TORCH_REQUIREMENT}", True)]
-    entries += [(r, True) for r in read_requirements(required_file)]
+    entries = [(r, True) for r in read_requirements(required_file)]
     if optional_file is not None and Path(optional_file).is_file():
         entries += [(r, False) for r in read_requirements(optional_file)]
+    entries.append((f"torch{TORCH_REQUIREMENT}", False))
     for requirement, required in entries:
         name = requirement_name(requirement)
         rows.append(PackageStatus(name, requirement, installed_version(name), required, is_satisfied(requirement)))
     return rows
+
+
+def cuda_driver_present() -> bool:
+    """True when the NVIDIA driver library loads (cheap; tells whether CUDA, and so PyTorch, can be of use)."""
+    names = {"win32": ("nvcuda.dll",), "linux": ("libcuda.so.1", "libcuda.so")}.get(sys.platform, ())
+    for name in names:
+        try:
+            ctypes.CDLL(name)
+        except OSError:
+            continue
+        return True
+    return False
+
+
+def cpu_runtime_available(optional_file: str | Path | None) -> bool:
+    """True when one of the CPU runtimes of ``optional_file`` is installed (a CPU run needs no torch)."""
+    if optional_file is None or not Path(optional_file).is_file():
+        return False
+    return any(is_satisfied(r) for r in read_requirements(optional_file))
 
 
 @dataclass
@@ -186,7 +211,7 @@ class InstallReport:
 
     required: list[str] = field(default_factory=list)
     optional: list[str] = field(default_factory=list)
-    #: one message per optional package that could not be installed (the run uses PyTorch)
+    #: one message per CPU runtime that could not be installed
     warnings: list[str] = field(default_factory=list)
 
 
@@ -214,46 +239,53 @@ def ensure_packages(
     ensure_torch: Callable[[], object] | None = None,
     optional: Optional[bool] = None,
     reinstall: bool = False,
+    gpu: bool = False,
 ) -> InstallReport:
-    """Install what the segmentation needs, in steps: torch, the required packages, the optional ones.
+    """Install what the segmentation needs, in steps: the required packages, the CPU runtimes, torch
+    only where needed.
 
-    1. ``ensure_torch()`` (the PyTorch extension; it raises DependencyError when torch stays missing);
-    2. the missing required packages of ``required_file``, after one confirmation that also names
-       the optional packages about to be installed; declining or a failure raises DependencyError;
-    3. the optional packages of ``optional_file`` (``optional``: True always, False never, None only
-       when step 2 installed something, i.e. on first use), one pip call each; a failure is a
-       warning in the returned report (logged), never an error.
+    1. the missing required packages of ``required_file``, after one confirmation that also names
+       the CPU runtimes about to be installed; declining or a failure raises DependencyError;
+    2. the CPU runtimes of ``optional_file`` (``optional``: True always, False never, None when
+       step 1 installed something, i.e. on first use, or when none is installed), one pip call
+       each; a failure is a warning in the returned report (logged), never an error;
+    3. ``ensure_torch()`` (the PyTorch extension; it raises DependencyError when torch stays
+       missing) only with ``gpu`` (a CUDA run) or when no CPU runtime is installed after step 2.
 
     ``reinstall``: reinstall every package of steps 2 and 3 (``--force-reinstall --no-deps``; the
     missing ones are installed normally). Slicer's numpy, SimpleITK and VTK are pinned to their
     installed versions by a constraints file in every pip call.
     """
-    if ensure_torch is not None:
-        ensure_torch()
+    def finish(report: InstallReport) -> InstallReport:  # step 3
+        if ensure_torch is not None and (gpu or not cpu_runtime_available(optional_file)):
+            ensure_torch()
+        return report
+
     report = InstallReport()
     required = read_requirements(required_file)
     optional_all = read_requirements(optional_file) if optional_file is not None and Path(optional_file).is_file() \
         else []
     todo = list(required) if reinstall else missing_requirements(required)
-    try_optional = optional is True or (optional is None and bool(todo)) or (reinstall and optional is not False)
+    try_optional = (optional is True or (optional is None and (bool(todo) or not cpu_runtime_available(optional_file)))
+                    or (reinstall and optional is not False))
     optional_todo = (list(optional_all) if reinstall else missing_requirements(optional_all)) if try_optional else []
     if not todo and not optional_todo:
-        return report
+        return finish(report)
     verb = "Reinstall" if reinstall else "Install"
     lines = []
     if todo:
         lines.append(f"AbdomenKDSeg needs these Python packages{'' if reinstall else ', which are not installed yet'}:")
         lines += [f"  - {r}" for r in todo]
     if optional_todo:
-        lines.append("Optional, for 2-3x faster segmentation on the CPU (about 100 MB; if they cannot be "
-                     "installed the segmentation still runs, with PyTorch):")
+        lines.append("CPU runtimes, one of which the segmentation on the CPU needs (about 100 MB; if neither "
+                     "can be installed, PyTorch is installed instead; PyTorch is otherwise needed only for GPU use):")
         lines += [f"  - {r}" for r in optional_todo]
     message = ("\n".join(lines) + f"\n\n{verb} them now? (This needs internet access; Slicer's own numpy, "
                "SimpleITK and VTK are left unchanged.)")
     if not confirm(message):
         if todo:
             raise DependencyError("the segmentation needs these Python packages: " + ", ".join(todo))
-        return report
+        return finish(report)
     Path(constraints_file).write_text(constraints_text(), encoding="utf-8")
     if todo:
         log(f"{verb}ing the required packages {', '.join(todo)} ...")
@@ -278,8 +310,8 @@ def ensure_packages(
         if problem is None:
             report.optional.append(requirement)
             continue
-        text = (f"the optional package {requirement_name(requirement)} could not be installed ({problem}); "
-                "the segmentation runs with PyTorch, which is slower on the CPU")
+        text = (f"the CPU runtime {requirement_name(requirement)} could not be installed ({problem}); "
+                "the segmentation uses the other runtime, or PyTorch (slower) if neither is installed")
         report.warnings.append(text)
         log(f"Warning: {text}")
-    return report
+    return finish(report)

@@ -3,6 +3,10 @@
 Layout of a bundle file:
 - tensors ``coarse.<parameter name>`` and ``fine.<parameter name>`` (the students' state dicts;
   float32 or float16 storage, always loaded as float32);
+- optionally, uint8 tensors ``graph.<stage>`` and ``graph.<stage>.weights``: each stage's exported
+  ONNX graph without its weights and the names of those weights (:mod:`runtimes.bundle_graphs`), so
+  the CPU runtimes run without PyTorch (the shipped bundle has them; without them PyTorch exports
+  the graphs at first use);
 - safetensors header metadata (str -> str): ``format`` = ``abdomen-kdseg-bundle``,
   ``format_version`` (``"2"``), ``sha256`` of the whole bundle (see :func:`bundle_sha256`: the
   tensors, then the model card) and ``metadata``, a JSON document with the architecture of both
@@ -23,7 +27,8 @@ saying how to convert it once, keeping its weights and card::
 (:func:`upgrade_bundle`; without NEW the file is replaced in place, atomically).
 
 safetensors never unpickles, so a bundle from an untrusted source cannot run code. Loading
-verifies the format, the checksum and the architecture, and raises :class:`BundleError` with a
+(numpy only; PyTorch is imported where networks are built) verifies the format, the checksum and
+the architecture, and raises :class:`BundleError` with a
 message naming the problem.
 """
 
@@ -34,53 +39,90 @@ import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Union
+from typing import TYPE_CHECKING, Any, Mapping, Union
 
-import torch
+import numpy as np
 from safetensors import safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.numpy import load_file, save_file
 
 from ..atomic_files import atomic_path
 from ..errors import BundleError
 from ..resources import DEFAULT_BUNDLE_NAME, MODEL_ENV, default_model_path  # noqa: F401  (re-exported)
-from .networks import NetworkConfig, ResidualUSENet
 from .organs import NUM_CLASSES, ORGANS
+from .preprocess import Preprocessing
+
+if TYPE_CHECKING:  # PyTorch is imported only where networks are built or saved
+    import torch
+
+    from .networks import NetworkConfig
 
 FORMAT = "abdomen-kdseg-bundle"
 FORMAT_VERSION = "2"
 #: Older versions :func:`upgrade_bundle` converts to :data:`FORMAT_VERSION`.
 UPGRADABLE_VERSIONS = ("1",)
+STAGES = ("coarse", "fine")
+#: Prefix of the optional uint8 tensors holding each stage's ONNX graph (:mod:`runtimes.bundle_graphs`).
+GRAPH_PREFIX = "graph."
 
 PathLike = Union[str, "os.PathLike[str]"]
+#: A tensor as stored: numpy array (torch tensors are accepted where bundles are written).
+Tensor = Any
 
-#: Preprocessing settings of the paper, stored in every bundle and read by the predictor.
-DEFAULT_PREPROCESSING: dict[str, Any] = {
-    "coarse_size_zyx": [96, 96, 96],
-    "fine_size_zyx": [96, 64, 96],
-    "window_zyx": [96, 64, 96],
-    "window_overlap": 0.5,
-    "hu_window": [-300.0, 300.0],
-    "crop_padding": 1.1,
-    "fallback_box_mm_zyx": [240.0, 160.0, 240.0],
-    "orientation": "LPS",
-}
+#: numpy dtype -> the PyTorch dtype name hashed for it (the checksum was defined on torch tensors).
+_HASH_DTYPE = {np.dtype(t): f"torch.{n}" for t, n in (
+    (np.float16, "float16"), (np.float32, "float32"), (np.float64, "float64"), (np.int64, "int64"),
+    (np.int32, "int32"), (np.int16, "int16"), (np.int8, "int8"), (np.uint8, "uint8"), (np.bool_, "bool"))}
 
 
 @dataclass
 class ModelBundle:
-    """A loaded bundle: the two student networks (eval mode, float32) and their metadata."""
+    """A loaded, verified bundle: its tensors (numpy, as stored), model card and checksum.
 
-    coarse: torch.nn.Module
-    fine: torch.nn.Module
+    ``graph(stage)``: the stage's stored ONNX graph (weights stripped) or None. The PyTorch networks
+    are built only when asked for: :meth:`network` (a new float32 eval module on ``device`` per
+    call), or :attr:`coarse`/:attr:`fine` (one CPU module each, built once and kept).
+    """
+
+    tensors: dict[str, np.ndarray]
     metadata: dict[str, Any]
     sha256: str
     path: Path | None = None
-    preprocessing: dict[str, Any] = field(default_factory=lambda: dict(DEFAULT_PREPROCESSING))
+    preprocessing: Preprocessing = field(default_factory=Preprocessing)
+    _networks: dict[str, Any] = field(default_factory=dict, repr=False)
 
     @property
     def trained(self) -> bool:
         """False for a bundle of untrained (randomly initialised) weights."""
         return bool(self.metadata.get("trained", False))
+
+    def stage_tensors(self, stage: str) -> dict[str, np.ndarray]:
+        """``stage``'s weights by parameter name (prefix removed), as stored (float16 or float32)."""
+        prefix = f"{stage}."
+        return {k[len(prefix):]: v for k, v in self.tensors.items() if k.startswith(prefix)}
+
+    def graph(self, stage: str) -> bytes | None:
+        """``stage``'s stored ONNX graph without its weights, or None (the bundle has none)."""
+        data = self.tensors.get(GRAPH_PREFIX + stage)
+        return None if data is None else data.tobytes()
+
+    def network(self, stage: str, device: Any = "cpu") -> torch.nn.Module:
+        """A new PyTorch network of ``stage`` (float32, eval mode) on ``device``; needs PyTorch."""
+        return _build_stage(self.path, self.metadata, stage, self.stage_tensors(stage), device)
+
+    def _cached(self, stage: str) -> torch.nn.Module:
+        if stage not in self._networks:
+            self._networks[stage] = self.network(stage)
+        return self._networks[stage]
+
+    @property
+    def coarse(self) -> torch.nn.Module:
+        """The coarse network on the CPU (built on first use, then kept)."""
+        return self._cached("coarse")
+
+    @property
+    def fine(self) -> torch.nn.Module:
+        """The fine network on the CPU (built on first use, then kept)."""
+        return self._cached("fine")
 
 
 def default_bundle_path() -> Path:
@@ -93,17 +135,26 @@ def label_table() -> list[dict[str, Any]]:
     return [{"value": o.value, "key": o.key, "name": o.name} for o in ORGANS]
 
 
-def _tensor_digest(tensors: dict[str, torch.Tensor]) -> Any:
+def _as_numpy(t: Tensor) -> np.ndarray:
+    if isinstance(t, np.ndarray):
+        return t
+    return t.detach().cpu().contiguous().numpy()  # a torch tensor
+
+
+def _tensor_digest(tensors: Mapping[str, Tensor]) -> Any:
     """A ``hashlib.sha256`` object fed with the tensors in name order (name, dtype, shape, bytes)."""
     digest = hashlib.sha256()
     for name in sorted(tensors):
-        t = tensors[name].detach().cpu().contiguous()
-        digest.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
-        digest.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+        a = _as_numpy(tensors[name])
+        dtype = _HASH_DTYPE.get(a.dtype)
+        if dtype is None:
+            raise BundleError(f"tensor {name}: dtype {a.dtype} cannot be stored in a bundle")
+        digest.update(f"{name}|{dtype}|{tuple(a.shape)}|".encode())
+        digest.update(np.ascontiguousarray(a).tobytes() if a.size else b"")
     return digest
 
 
-def tensors_sha256(tensors: dict[str, torch.Tensor]) -> str:
+def tensors_sha256(tensors: Mapping[str, Tensor]) -> str:
     """SHA-256 over the tensors only (name, dtype, shape and raw bytes of each, in name order).
 
     This is the checksum of format version 1; version 2 bundles record :func:`bundle_sha256`.
@@ -116,7 +167,7 @@ def canonical_card_json(card: dict[str, Any]) -> str:
     return json.dumps(card, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
 
 
-def bundle_sha256(tensors: dict[str, torch.Tensor], card: dict[str, Any]) -> str:
+def bundle_sha256(tensors: Mapping[str, Tensor], card: dict[str, Any]) -> str:
     """SHA-256 of a version-2 bundle: the tensors as in :func:`tensors_sha256`, then ``card|`` and
     the card's :func:`canonical_card_json` (UTF-8), in the same digest."""
     digest = _tensor_digest(tensors)
@@ -132,45 +183,50 @@ def save_bundle(
     coarse_config: NetworkConfig,
     fine_config: NetworkConfig,
     metadata: dict[str, Any] | None = None,
-    dtype: torch.dtype = torch.float32,
+    dtype: torch.dtype | None = None,
 ) -> Path:
-    """Write a bundle atomically (temporary file + rename). Returns the path written.
+    """Write a bundle of two PyTorch networks atomically (temporary file + rename); needs PyTorch.
 
     ``metadata`` is the model card (``trained``, ``recipe``, ``data``, ``metrics``, ...); the
-    architecture, label table and preprocessing are added here.
+    architecture, label table and preprocessing (default :class:`Preprocessing`) are added here.
+    ``dtype``: storage of floating-point weights (default float32). Returns the path written.
     """
-    tensors: dict[str, torch.Tensor] = {}
+    import torch
+
+    dtype = torch.float32 if dtype is None else dtype
+    tensors: dict[str, np.ndarray] = {}
     for prefix, net in (("coarse", coarse), ("fine", fine)):
         for name, value in net.state_dict().items():
             value = value.detach().to("cpu")
             if value.is_floating_point():
                 value = value.to(dtype)
-            tensors[f"{prefix}.{name}"] = value.contiguous()
+            tensors[f"{prefix}.{name}"] = value.contiguous().numpy()
     card = dict(metadata or {})
     card.setdefault("trained", False)
     card["architecture"] = {"coarse": coarse_config.to_dict(), "fine": fine_config.to_dict()}
     card["labels"] = label_table()
-    card.setdefault("preprocessing", dict(DEFAULT_PREPROCESSING))
+    card.setdefault("preprocessing", Preprocessing().to_dict())
     return write_bundle(path, tensors, card)
 
 
-def write_bundle(path: PathLike, tensors: dict[str, torch.Tensor], card: dict[str, Any]) -> Path:
-    """Write ``tensors`` (stored as they are) and the complete model ``card`` as a bundle of the
-    current format, atomically (temporary file + rename). Returns the path written.
+def write_bundle(path: PathLike, tensors: Mapping[str, Tensor], card: dict[str, Any]) -> Path:
+    """Write ``tensors`` (stored as they are: numpy arrays or torch tensors) and the complete model
+    ``card`` as a bundle of the current format, atomically (temporary file + rename).
 
     :func:`save_bundle` builds both from the networks; this is the path for re-saving a bundle's
-    own tensors with an edited card (the checksum is recomputed over both).
+    own tensors with an edited card or added graphs (the checksum is recomputed over both).
     """
+    arrays = {name: np.ascontiguousarray(_as_numpy(t)) for name, t in tensors.items()}
     card = json.loads(canonical_card_json(card))  # a JSON document, exactly as it will be read back
     header = {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
-        "sha256": bundle_sha256(tensors, card),
+        "sha256": bundle_sha256(arrays, card),
         "metadata": json.dumps(card, sort_keys=True),
     }
     out = Path(path)
     with atomic_path(out) as tmp:
-        save_file(tensors, str(tmp), metadata=header)
+        save_file(arrays, str(tmp), metadata=header)
         umask = os.umask(0)
         os.umask(umask)
         os.chmod(tmp, 0o666 & ~umask)  # safetensors writes 0600; a bundle gets a normal new file's mode
@@ -182,7 +238,7 @@ def _read_header(p: Path) -> tuple[dict[str, str], dict[str, Any]]:
     if not p.is_file():
         raise BundleError(f"model bundle not found: {p}")
     try:
-        with safe_open(str(p), framework="pt") as f:
+        with safe_open(str(p), framework="numpy") as f:
             header = f.metadata() or {}
     except Exception as exc:  # safetensors raises its own error types for corrupt headers
         raise BundleError(f"corrupt model bundle {p}: not a readable safetensors file ({exc})") from exc
@@ -218,15 +274,16 @@ def read_bundle_metadata(path: PathLike) -> tuple[dict[str, str], dict[str, Any]
     return header, card
 
 
-def _read_tensors(p: Path) -> dict[str, torch.Tensor]:
+def _read_tensors(p: Path) -> dict[str, np.ndarray]:
     try:
-        return load_file(str(p), device="cpu")
+        return load_file(str(p))
     except Exception as exc:
         raise BundleError(f"corrupt model bundle {p}: cannot read weights ({exc})") from exc
 
 
-def verify_bundle(path: PathLike) -> tuple[dict[str, str], dict[str, Any], dict[str, torch.Tensor]]:
-    """Header strings, model card and tensors of a bundle whose checksum (weights and card) matches.
+def verify_bundle(path: PathLike) -> tuple[dict[str, str], dict[str, Any], dict[str, np.ndarray]]:
+    """Header strings, model card and tensors (numpy) of a bundle whose checksum (weights, graphs
+    and card) matches.
 
     Raises :class:`BundleError` for a missing, foreign, older-format, corrupt or modified file.
     """
@@ -263,48 +320,53 @@ def upgrade_bundle(path: PathLike, out: PathLike | None = None) -> Path:
     return write_bundle(out if out is not None else p, tensors, card)
 
 
-def load_bundle(path: PathLike | None = None, device: torch.device | str = "cpu") -> ModelBundle:
-    """Load and verify a bundle (default: :func:`default_bundle_path`) onto ``device``."""
+def load_bundle(path: PathLike | None = None) -> ModelBundle:
+    """Load and verify a bundle (default: :func:`default_bundle_path`); PyTorch is not imported.
+
+    Checks the checksum, the label table and the number of classes. A bundle without stored
+    graphs needs PyTorch for any run, so its weights are checked against the architecture here
+    (which imports PyTorch); one with graphs is checked when a graph is completed with its weights.
+    """
     p = Path(path) if path is not None else default_bundle_path()
     header, card, tensors = verify_bundle(p)
-    digest = header["sha256"]
     labels = card.get("labels")
     if labels != label_table():
         raise BundleError(f"model bundle {p} was trained for another label table: {labels}")
-    nets = {}
-    for stage in ("coarse", "fine"):
-        nets[stage] = _build_stage(p, card, stage, tensors, device)
-    return ModelBundle(
-        coarse=nets["coarse"],
-        fine=nets["fine"],
-        metadata=card,
-        sha256=digest,
-        path=p,
-        preprocessing={**DEFAULT_PREPROCESSING, **card.get("preprocessing", {})},
-    )
+    for stage in STAGES:
+        arch = card.get("architecture", {}).get(stage) if isinstance(card.get("architecture"), dict) else None
+        if not isinstance(arch, dict):
+            raise BundleError(f"model bundle {p}: invalid {stage} architecture (missing)")
+        classes = arch.get("num_classes", NUM_CLASSES)
+        if classes != NUM_CLASSES:
+            raise BundleError(f"model bundle {p}: {stage} network has {classes} outputs, expected {NUM_CLASSES}")
+    bundle = ModelBundle(tensors=tensors, metadata=card, sha256=header["sha256"], path=p,
+                         preprocessing=Preprocessing.from_dict(card.get("preprocessing")))
+    if any(bundle.graph(stage) is None for stage in STAGES):
+        for stage in STAGES:
+            bundle._networks[stage] = bundle.network(stage)
+    return bundle
 
 
 def _build_stage(
-    path: Path, card: dict[str, Any], stage: str, tensors: dict[str, torch.Tensor], device: torch.device | str
+    path: Path | None, card: dict[str, Any], stage: str, state: dict[str, np.ndarray], device: Any
 ) -> torch.nn.Module:
-    """Build one stage's network from the card and load its weights, checking they match."""
+    """Build one stage's PyTorch network from the card and load its weights, checking they match."""
+    import torch
+
+    from .networks import NetworkConfig, ResidualUSENet
+
     try:
         config = NetworkConfig.from_dict(card["architecture"][stage])
     except (KeyError, TypeError, ValueError) as exc:
         raise BundleError(f"model bundle {path}: invalid {stage} architecture ({exc})") from exc
-    if config.num_classes != NUM_CLASSES:
-        raise BundleError(
-            f"model bundle {path}: {stage} network has {config.num_classes} outputs, expected {NUM_CLASSES}"
-        )
     with torch.device("meta"):  # no memory and no random initialisation: the weights replace it all
         net = ResidualUSENet(config)
-    prefix = f"{stage}."
-    state = {k[len(prefix):]: v.float() if v.is_floating_point() else v for k, v in tensors.items()
-             if k.startswith(prefix)}
+    weights = {k: torch.from_numpy(np.array(v)) for k, v in state.items()}
+    weights = {k: v.float() if v.is_floating_point() else v for k, v in weights.items()}
     expected = net.state_dict()
-    missing = sorted(set(expected) - set(state))
-    unexpected = sorted(set(state) - set(expected))
-    wrong = sorted(k for k in set(expected) & set(state) if expected[k].shape != state[k].shape)
+    missing = sorted(set(expected) - set(weights))
+    unexpected = sorted(set(weights) - set(expected))
+    wrong = sorted(k for k in set(expected) & set(weights) if expected[k].shape != weights[k].shape)
     if missing or unexpected or wrong:
         details = []
         if missing:
@@ -313,13 +375,13 @@ def _build_stage(
             details.append(f"{len(unexpected)} unexpected (e.g. {unexpected[0]})")
         if wrong:
             k = wrong[0]
-            details.append(f"{len(wrong)} of wrong shape (e.g. {k}: {tuple(state[k].shape)} vs "
+            details.append(f"{len(wrong)} of wrong shape (e.g. {k}: {tuple(weights[k].shape)} vs "
                            f"{tuple(expected[k].shape)})")
         raise BundleError(
             f"model bundle {path}: {stage} weights do not match the architecture {config.to_dict()}: "
             + "; ".join(details)
         )
-    net.load_state_dict(state, strict=True, assign=True)
+    net.load_state_dict(weights, strict=True, assign=True)
     return net.to(device).eval()
 
 

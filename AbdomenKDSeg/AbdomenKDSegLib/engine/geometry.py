@@ -89,14 +89,14 @@ def crop_box(
     mask: np.ndarray,
     full_shape: tuple[int, int, int],
     spacing_zyx: tuple[float, float, float],
-    padding: float = 1.1,
-    fallback_mm: tuple[float, float, float] = (240.0, 160.0, 240.0),
+    padding: float,
+    fallback_mm: tuple[float, float, float],
 ) -> tuple[slice, slice, slice]:
     """Fine-stage crop box on the full-resolution grid from a foreground mask at any resolution.
 
     ``mask`` (Z, Y, X) covers the same field of view as the full volume of ``full_shape``. Its
     foreground bounding box, in normalised [0, 1] coordinates (voxel ``i`` spans [i/m, (i+1)/m]),
-    is scaled by ``padding`` about its centre (1.1 = 5 % of the extent on each side), clipped to
+    is scaled by ``padding`` about its centre (e.g. 1.1 = 5 % of the extent on each side), clipped to
     [0, 1] and mapped outward to whole voxels of the full grid. An empty mask gives a box of
     ``fallback_mm`` (Z, Y, X, mm) centred in the volume, clipped. Boxes are never empty.
     """

@@ -9,13 +9,15 @@
    class, pasted into a uint8 full-size map, original orientation and geometry.
 Optionally (``keep_coarse``) the coarse result is also mapped to full resolution, exactly as the
 coarse-only mode (``fine=False``) maps it, so coarse and fine can be compared.
-Only the student runs. Everything is computed in ``torch.inference_mode``; CUDA is used when
-available (``device="auto"``), and a CUDA out-of-memory error retries the stage on the CPU.
+Only the student runs. On the CPU the networks run in OpenVINO or ONNX Runtime from the graphs the
+bundle stores, and nothing here imports PyTorch (all array work is numpy: :mod:`.preprocess`,
+:mod:`.sliding_window`); PyTorch is imported only for ``backend="torch"``, for CUDA (used when
+available with ``device="auto"``; a CUDA out-of-memory error retries the stage on the CPU) and for
+a bundle without stored graphs (exported once, :mod:`runtimes.onnx_backend`).
 """
 
 from __future__ import annotations
 
-import math
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -25,18 +27,24 @@ from typing import Callable, Optional, Sequence
 import fastremap
 import numpy as np
 import SimpleITK as sitk
-import torch
 
+from ..dependencies import cuda_driver_present
 from ..errors import AbdomenKDSegError, InputError, UsageError
 from ..output_paths import check_output_file
 from ..request import BACKENDS, check_backend, resolve_device_name  # noqa: F401  (BACKENDS: re-exported)
 from .body_mask import check_has_body
-from .bundle import ModelBundle, load_bundle
+from .bundle import STAGES, ModelBundle, load_bundle
 from .geometry import crop_box, from_canonical, to_canonical
 from .image_io import PathLike, read_image, validate_ct, was_validated, write_image_atomic
 from .organs import BY_VALUE, resolve_organs
 from .postprocess import largest_component_per_class
-from .preprocess import PAD_HU, clip_and_zscore, pad_to_min_size, resize_argmax, resize_volume
+from .preprocess import Preprocessing, resize_argmax, resize_volume
+from .sliding_window import (  # noqa: F401  (gaussian_importance, window_starts: re-exported)
+    Network,
+    gaussian_importance,
+    sliding_window_probabilities,
+    window_starts,
+)
 
 #: ``progress(stage, fraction)``: stage is a short human-readable name, fraction in [0, 1].
 ProgressCallback = Callable[[str, float], None]
@@ -141,52 +149,33 @@ class SegmentationResult:
         return {v: n * self.voxel_volume_ml for v, n in self.voxel_counts.items()}
 
 
-def resolve_device(device: str | torch.device = "auto", fallback: bool = True) -> torch.device:
-    """``"auto"`` -> CUDA if available else CPU; ``"cuda"`` without CUDA -> CPU with a warning, or
-    with ``fallback=False`` an error. Other names: :func:`request.resolve_device_name` (UsageError)."""
-    available = torch.cuda.is_available()
-    name = resolve_device_name(device, available)
+def cuda_available() -> bool:
+    """True when CUDA can run the networks: an NVIDIA driver and PyTorch with CUDA. PyTorch is
+    imported only when the driver is there, so a CPU-only machine never imports it."""
+    if not cuda_driver_present():
+        return False
+    try:
+        from ..runtimes import torch_backend
+    except ImportError:
+        return False
+    return torch_backend.cuda_available()
+
+
+def resolve_device(device: object = "auto", fallback: bool = True) -> str:
+    """``"auto"`` -> ``"cuda"`` if available else ``"cpu"``; ``"cuda"`` without CUDA -> ``"cpu"`` with a
+    warning, or with ``fallback=False`` an error. Other names: :func:`request.resolve_device_name`
+    (UsageError). ``device`` may be a ``torch.device``; the result is its name (e.g. ``"cuda:1"``)."""
+    name = str(device)
+    available = cuda_available() if name != "cpu" else False
+    name = resolve_device_name(name, available)
     if name.startswith("cuda") and not available:
         if not fallback:
             raise AbdomenKDSegError("CUDA was requested but is not available")
-        warnings.warn("CUDA was requested but is not available; running on the CPU",
+        warnings.warn("CUDA was requested but is not available (it needs an NVIDIA GPU and PyTorch with CUDA: "
+                      "pip install 'abdomen-kdseg[torch]'); running on the CPU",
                       DeviceFallbackWarning, stacklevel=2)
-        return torch.device("cpu")
-    return torch.device(name)
-
-
-def gaussian_importance(window: Sequence[int], sigma_scale: float = 1.0 / 8) -> np.ndarray:
-    """nnU-Net's window weighting: a Gaussian centred on the window, sigma = size * sigma_scale.
-
-    Returns float32 (Z, Y, X) with maximum 1; zeros (if any) replaced by the smallest
-    positive weight so every voxel keeps some weight.
-    """
-    axes = []
-    for n in window:
-        centre, sigma = n // 2, n * sigma_scale
-        i = np.arange(n, dtype=np.float64)
-        axes.append(np.exp(-((i - centre) ** 2) / (2 * sigma**2)))
-    weights = axes[0][:, None, None] * axes[1][None, :, None] * axes[2][None, None, :]
-    weights = (weights / weights.max()).astype(np.float32)
-    if (weights == 0).any():
-        weights[weights == 0] = weights[weights > 0].min()
-    return weights
-
-
-def window_starts(size: int, window: int, overlap: float = 0.5) -> list[int]:
-    """Start indices of sliding windows covering ``size`` with at least ``overlap`` (nnU-Net rule).
-
-    ``size >= window`` is required (pad first). The starts are spread evenly from 0 to
-    ``size - window``; with size 96, window 64 and overlap 0.5 this gives [0, 32].
-    """
-    if size < window:
-        raise ValueError(f"axis of size {size} is smaller than the window {window}")
-    step = window * (1 - overlap)
-    n = int(math.ceil((size - window) / step)) + 1
-    if n == 1:
-        return [0]
-    span = size - window
-    return [int(round(i * span / (n - 1))) for i in range(n)]
+        return "cpu"
+    return name
 
 
 class Predictor:
@@ -195,42 +184,34 @@ class Predictor:
     ``device`` is "auto", "cpu" or "cuda"; ``progress`` receives (stage, fraction) updates.
     ``backend`` "auto" runs the networks on the CPU with OpenVINO when it is installed, else with
     ONNX Runtime when that is (both several times faster than PyTorch for the depthwise
-    convolutions; probabilities equal to PyTorch's within 1e-4 and 1e-3), else with PyTorch, which also
+    convolutions; probabilities equal to PyTorch's within 1e-3 and 1e-4), else with PyTorch, which also
     is the CUDA path; "torch", "onnx" and "openvino" force one (CPU only for the last two).
+    The bundle's networks are not moved: the torch backend on CUDA builds its own copies on the GPU
+    from the bundle's weights (``bundle.coarse``/``bundle.fine`` stay on the CPU).
     """
 
     def __init__(
         self,
         bundle: ModelBundle | PathLike | None = None,
-        device: str | torch.device = "auto",
+        device: object = "auto",
         progress: Optional[ProgressCallback] = None,
         channels_last: bool = True,
         backend: str = "auto",
     ) -> None:
         self.device = resolve_device(device)
-        self.bundle = bundle if isinstance(bundle, ModelBundle) else load_bundle(bundle, device="cpu")
-        self.bundle.coarse.to(self.device)
-        self.bundle.fine.to(self.device)
+        self.bundle = bundle if isinstance(bundle, ModelBundle) else load_bundle(bundle)
         self.progress = progress or (lambda stage, fraction: None)
         self.channels_last = channels_last
-        pre = self.bundle.preprocessing
-        self.coarse_size = tuple(pre["coarse_size_zyx"])
-        self.fine_size = tuple(pre["fine_size_zyx"])
-        self.window = tuple(pre["window_zyx"])
-        self.overlap = float(pre["window_overlap"])
-        self.hu_window = tuple(pre["hu_window"])
-        self.padding = float(pre["crop_padding"])
-        self.fallback_mm = tuple(pre["fallback_box_mm_zyx"])
-        self._importance = torch.from_numpy(gaussian_importance(self.window))
+        self.preprocessing: Preprocessing = self.bundle.preprocessing
         self.backend = self._select_backend(backend)
-        #: stage name -> callable mapping a (1, 1, Z, Y, X) float32 batch to softmax probabilities
-        self.runners: dict[str, Callable[[torch.Tensor], torch.Tensor]] = self._make_runners()
+        #: stage name -> network callable: (1, 1, Z, Y, X) float32 window -> softmax probabilities
+        self.runners: dict[str, Network] = self._make_runners()
 
     def _select_backend(self, backend: str) -> str:
         """The backend that runs the networks: "torch" on CUDA or when asked for; on the CPU the
         one asked for, or with "auto" the fastest installed: "openvino", then "onnx", then "torch"."""
         backend = check_backend(backend)
-        if self.device.type != "cpu" or backend == "torch":
+        if self.device != "cpu" or backend == "torch":
             return "torch"
         if backend != "auto":
             return backend
@@ -240,102 +221,82 @@ class Predictor:
             return "openvino"
         return "onnx" if onnx_backend.available() else "torch"
 
-    def _make_runners(self) -> dict[str, Callable[[torch.Tensor], torch.Tensor]]:
-        nets = {"coarse": self.bundle.coarse, "fine": self.bundle.fine}
+    def _make_runners(self) -> dict[str, Network]:
         if self.backend in ("onnx", "openvino"):
-            from ..runtimes import onnx_backend, openvino_backend
+            from ..runtimes import bundle_graphs, onnx_backend, openvino_backend
 
             module = onnx_backend if self.backend == "onnx" else openvino_backend
-            return {stage: module.make_runner(net, self.window, self.bundle.sha256, stage)
-                    for stage, net in nets.items()}
-        return {stage: self._torch_runner(net) for stage, net in nets.items()}
-
-    def _torch_runner(self, net: torch.nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
-        def run(batch: torch.Tensor) -> torch.Tensor:
-            return self._forward(net, batch)
-
-        return run
-
-    # ---------------------------------------------------------------- networks
-    def _forward(self, net: torch.nn.Module, batch: torch.Tensor) -> torch.Tensor:
-        """Softmax of ``net`` on a (1, 1, Z, Y, X) batch, float32, on the predictor's device."""
-        batch = batch.to(self.device)
-        if self.channels_last and self.device.type == "cpu":
-            batch = batch.contiguous(memory_format=torch.channels_last_3d)
-        if self.device.type == "cuda":
-            with torch.autocast("cuda", dtype=torch.float16):
-                logits = net(batch)
-        else:
-            logits = net(batch)
-        return torch.softmax(logits.float(), dim=1)
+            runners = {}
+            for stage in STAGES:
+                stored = self.bundle.graph(stage) is not None
+                net = None if stored else getattr(self.bundle, stage)  # a bundle without graphs: export
+                graph = (lambda s=stage: bundle_graphs.complete_graph(self.bundle, s)) if stored else None
+                runners[stage] = module.make_runner(net, self.preprocessing.window_zyx, self.bundle.sha256, stage,
+                                                    graph=graph)
+            return runners
+        try:
+            from ..runtimes import torch_backend
+        except ImportError as exc:
+            raise AbdomenKDSegError("the torch backend and CUDA need PyTorch: pip install 'abdomen-kdseg[torch]' "
+                                    "(or use backend='openvino' or 'onnx' on the CPU)") from exc
+        return {stage: torch_backend.make_runner(
+                    getattr(self.bundle, stage) if self.device == "cpu" else self.bundle.network(stage, self.device),
+                    self.device, self.channels_last) for stage in STAGES}
 
     def _to_cpu_after_oom(self) -> None:
+        from ..runtimes import torch_backend
+
         warnings.warn("CUDA ran out of memory; retrying on the CPU", DeviceFallbackWarning, stacklevel=3)
-        torch.cuda.empty_cache()
-        self.device = torch.device("cpu")
-        self.bundle.coarse.to(self.device)
-        self.bundle.fine.to(self.device)
+        self.runners = {}
+        torch_backend.empty_cuda_cache()
+        self.device = "cpu"
         self.runners = self._make_runners()
 
-    def sliding_window_probabilities(self, stage: str, volume: torch.Tensor) -> torch.Tensor:
-        """Probabilities (C, Z, Y, X) of ``stage``'s network on ``volume`` (Z, Y, X, HU), by windows.
-
-        The volume is padded with air to at least one window; each window is clipped to the HU
-        window and z-scored on its own; window softmaxes are blended with the Gaussian weights
-        and renormalised across channels. Retries on the CPU after a CUDA out-of-memory error.
-        """
+    def sliding_window_probabilities(self, stage: str, volume: np.ndarray) -> np.ndarray:
+        """Probabilities (C, Z, Y, X) float32 of ``stage``'s network on ``volume`` (Z, Y, X, HU), by
+        windows (:func:`sliding_window.sliding_window_probabilities` with the bundle's settings).
+        Retries on the CPU after a CUDA out-of-memory error."""
+        volume = np.asarray(volume)
         try:
             return self._sliding_window(stage, volume)
-        except torch.cuda.OutOfMemoryError:
-            if self.device.type != "cuda":
+        except Exception as exc:
+            if not self.device.startswith("cuda"):
+                raise
+            from ..runtimes import torch_backend
+
+            if not torch_backend.is_cuda_out_of_memory(exc):
                 raise
             self._to_cpu_after_oom()
             return self._sliding_window(stage, volume)
 
-    @torch.inference_mode()
-    def _sliding_window(self, stage: str, volume: torch.Tensor) -> torch.Tensor:
-        padded, region = pad_to_min_size(volume, self.window, PAD_HU)
-        starts = [window_starts(n, w, self.overlap) for n, w in zip(padded.shape, self.window)]
-        positions = [(z, y, x) for z in starts[0] for y in starts[1] for x in starts[2]]
-        weight = self._importance.to(self.device)
-        total = None
-        norm = torch.zeros(padded.shape, device=self.device)
-        for i, (z, y, x) in enumerate(positions):
-            sl = (slice(z, z + self.window[0]), slice(y, y + self.window[1]), slice(x, x + self.window[2]))
-            patch = clip_and_zscore(padded[sl].to(self.device), *self.hu_window)
-            probs = self.runners[stage](patch[None, None])[0].to(self.device)
-            if total is None:
-                total = torch.zeros((probs.shape[0],) + tuple(padded.shape), device=self.device)
-            total[(slice(None),) + sl] += probs * weight
-            norm[sl] += weight
-            self.progress(stage, (i + 1) / len(positions))
-        probs = total / norm
-        probs = probs / probs.sum(dim=0, keepdim=True)
-        return probs[(slice(None),) + region]
+    def _sliding_window(self, stage: str, volume: np.ndarray) -> np.ndarray:
+        pre = self.preprocessing
+        return sliding_window_probabilities(self.runners[stage], volume, pre.window_zyx, pre.window_overlap,
+                                            pre.hu_window, lambda fraction: self.progress(stage, fraction))
 
     # ---------------------------------------------------------------- stages
-    def predict_coarse(self, canonical: np.ndarray) -> tuple[torch.Tensor, np.ndarray]:
+    def predict_coarse(self, canonical: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Coarse stage on a canonical (Z, Y, X) HU array.
 
         Returns the coarse probabilities (C, 96, 96, 96) and the post-processed coarse labels
         (96, 96, 96, uint8, largest component per class).
         """
-        small = resize_volume(canonical, self.coarse_size)
+        small = resize_volume(canonical, self.preprocessing.coarse_size_zyx)
         probs = self.sliding_window_probabilities("coarse", small)
-        labels = probs.argmax(dim=0).to(torch.uint8).cpu().numpy()
+        labels = probs.argmax(axis=0).astype(np.uint8)
         return probs, largest_component_per_class(labels)
 
     def predict_fine(self, canonical: np.ndarray, box: tuple[slice, slice, slice]) -> np.ndarray:
         """Fine stage on the ``box`` crop of a canonical array; uint8 labels of the crop's shape."""
         crop = canonical[box]
-        small = resize_volume(crop, self.fine_size)
+        small = resize_volume(crop, self.preprocessing.fine_size_zyx)
         probs = self.sliding_window_probabilities("fine", small)
         self.progress("resample", 0.0)
         labels = resize_argmax(probs, crop.shape)
         self.progress("resample", 1.0)
         return largest_component_per_class(labels)
 
-    def coarse_full_resolution(self, coarse_probs: torch.Tensor, shape: tuple[int, int, int]) -> np.ndarray:
+    def coarse_full_resolution(self, coarse_probs: np.ndarray, shape: tuple[int, int, int]) -> np.ndarray:
         """Coarse probabilities (C, 96, 96, 96) -> uint8 labels of canonical ``shape`` (Z, Y, X).
 
         Resized slab by slab and argmaxed, then the largest component per class: the one mapping
@@ -354,9 +315,11 @@ class Predictor:
         ``keep_coarse`` (fine stage on only): also map the coarse result to full resolution into
         ``info.coarse_labels`` (same shape and dtype), costing one more full-size resize + argmax.
         """
-        info = PredictionInfo(device=self.device.type)
-        on_gpu = self.device.type == "cuda"
+        info = PredictionInfo(device=self.device.split(":")[0])
+        on_gpu = self.device.startswith("cuda")
         if on_gpu:
+            import torch
+
             torch.cuda.reset_peak_memory_stats(self.device)
         t0 = time.perf_counter()
         body = check_has_body(canonical, spacing_zyx)
@@ -369,11 +332,13 @@ class Predictor:
         t0 = time.perf_counter()
         if fine:
             if not coarse_labels.any():
+                size = "x".join(f"{v:g}" for v in self.preprocessing.fallback_box_mm_zyx)
                 msg = ("the coarse stage found no organ in this image (is it an abdominal CT?); "
-                       "the fine stage used a centred 240x160x240 mm box")
+                       f"the fine stage used a centred {size} mm box")
                 warnings.warn(msg, EmptyCoarseWarning, stacklevel=2)
                 info.warnings.append(msg)
-            box = crop_box(coarse_labels > 0, canonical.shape, spacing_zyx, self.padding, self.fallback_mm)
+            box = crop_box(coarse_labels > 0, canonical.shape, spacing_zyx, self.preprocessing.crop_padding,
+                           self.preprocessing.fallback_box_mm_zyx)
             out[box] = self.predict_fine(canonical, box)
             body.apply(out, box)
             info.crop_box = box
@@ -394,9 +359,11 @@ class Predictor:
         if partial is not None:
             warnings.warn(partial, PartialFieldOfViewWarning, stacklevel=2)
             info.warnings.append(partial)
-        if on_gpu and self.device.type == "cuda":  # (not after a fallback to the CPU)
+        if on_gpu and self.device.startswith("cuda"):  # (not after a fallback to the CPU)
+            import torch
+
             info.gpu_peak_mb = torch.cuda.max_memory_allocated(self.device) / 2**20
-        info.device = self.device.type
+        info.device = self.device.split(":")[0]
         info.backend = self.backend
         return out, info
 

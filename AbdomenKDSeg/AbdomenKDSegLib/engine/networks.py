@@ -33,6 +33,7 @@ from torch import nn
 
 from ..errors import InputError
 from .depthwise_conv import DepthwiseConv3d
+from .organs import NUM_CLASSES
 
 __all__ = [
     "NetworkConfig",
@@ -62,7 +63,7 @@ class NetworkConfig:
     """
 
     in_channels: int = 1
-    num_classes: int = 14
+    num_classes: int = NUM_CLASSES
     base_features: int = 32
     n_stages: int = 5
     max_features: int = 512

@@ -1,35 +1,89 @@
-"""Intensity windowing and trilinear resizing with bounded memory.
+"""Preprocessing settings and the array operations of the predictor, in numpy (no PyTorch).
+
+:class:`Preprocessing` is the one home of the paper's settings (HU window, network grids, windows,
+crop box): the bundle stores it in its model card, the training recipe derives it, the predictor
+reads it. Nothing else repeats its defaults.
 
 Resizing is trilinear with ``align_corners=True``, the reference code's ``F.interpolate``
 setting. It is separable, so it is computed slab by slab along the output Z axis: for each slab
-only the two source slices around each output slice are converted to float32 and resized
-in-plane (bilinear), then blended along Z. Peak extra memory is one slab, whatever the volume
-size, and the result equals a single whole-volume ``F.interpolate`` up to float rounding.
+only the source rows and slices around the output samples are converted to float32, interpolated
+along Y, X, then blended along Z. Peak extra memory is one slab, whatever the volume size; the
+result equals a whole-volume ``F.interpolate`` up to float rounding (~1e-6 relative).
 """
 
 from __future__ import annotations
 
+import dataclasses
 from concurrent.futures import ThreadPoolExecutor
-from typing import Iterator, Union
+from dataclasses import dataclass
+from typing import Any, Iterator, Tuple
 
 import numpy as np
-import torch
-import torch.nn.functional as F
 
-ArrayLike = Union[np.ndarray, torch.Tensor]
+from ..threads import get_threads
 
-#: HU window of the paper (width 600, level 0).
-HU_MIN, HU_MAX = -300.0, 300.0
-#: Value that padding represents (air).
+#: Value that padding represents (air), HU.
 PAD_HU = -1024.0
 
 
-def clip_and_zscore(
-    window: torch.Tensor, lo: float = HU_MIN, hi: float = HU_MAX, eps: float = 1e-5
-) -> torch.Tensor:
-    """Clip HU to [lo, hi], then z-score with the window's own mean and standard deviation."""
-    x = window.float().clamp(lo, hi)
-    return (x - x.mean()) / (x.std(unbiased=False) + eps)
+@dataclass(frozen=True)
+class Preprocessing:
+    """How a CT is prepared for the networks (the paper's values by default). Sizes (Z, Y, X) voxels.
+
+    ``hu_window``: clip range (HU) before the per-window z-score; ``coarse_size_zyx``: grid the
+    whole volume is resized to; ``fine_size_zyx``: grid the organ crop is resized to;
+    ``window_zyx``/``window_overlap``: sliding-window shape and overlap fraction; ``crop_padding``:
+    the coarse organ box is scaled by it about its centre (1.1 = 5 % per side);
+    ``fallback_box_mm_zyx``: box (mm) centred in the volume when the coarse stage finds nothing;
+    ``orientation``: the canonical frame's code. :meth:`to_dict` gives the model card's JSON keys.
+    """
+
+    hu_window: Tuple[float, float] = (-300.0, 300.0)
+    coarse_size_zyx: Tuple[int, int, int] = (96, 96, 96)
+    fine_size_zyx: Tuple[int, int, int] = (96, 64, 96)
+    window_zyx: Tuple[int, int, int] = (96, 64, 96)
+    window_overlap: float = 0.5
+    crop_padding: float = 1.1
+    fallback_box_mm_zyx: Tuple[float, float, float] = (240.0, 160.0, 240.0)
+    orientation: str = "LPS"
+
+    def to_dict(self) -> dict[str, Any]:
+        """The model card's ``preprocessing`` block (JSON: lists, floats for HU and mm)."""
+        return {
+            "coarse_size_zyx": [int(n) for n in self.coarse_size_zyx],
+            "fine_size_zyx": [int(n) for n in self.fine_size_zyx],
+            "window_zyx": [int(n) for n in self.window_zyx],
+            "window_overlap": float(self.window_overlap),
+            "hu_window": [float(v) for v in self.hu_window],
+            "crop_padding": float(self.crop_padding),
+            "fallback_box_mm_zyx": [float(v) for v in self.fallback_box_mm_zyx],
+            "orientation": str(self.orientation),
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any] | None) -> Preprocessing:
+        """From a model card's block; missing keys take the defaults, unknown keys are ignored."""
+        data = dict(data or {})
+        known = {f.name for f in dataclasses.fields(cls)}
+        kwargs: dict[str, Any] = {}
+        for key, value in data.items():
+            if key in known:
+                kwargs[key] = tuple(value) if isinstance(value, (list, tuple)) else value
+        return cls(**kwargs)
+
+
+def clip_and_zscore(window: Any, lo: float, hi: float, eps: float = 1e-5) -> Any:
+    """Clip HU to [lo, hi], then z-score with the window's own mean and (population) standard deviation.
+
+    ``window``: a numpy array (float32 result) or a torch tensor (training; float32 tensor result).
+    """
+    if not isinstance(window, np.ndarray):  # a torch tensor (training's augmentation)
+        x = window.float().clamp(lo, hi)
+        return (x - x.mean()) / (x.std(unbiased=False) + eps)
+    x = np.clip(window.astype(np.float32, copy=False), lo, hi)
+    mean = x.mean(dtype=np.float64)
+    std = float(np.sqrt(np.square(x - np.float32(mean), dtype=np.float32).mean(dtype=np.float64)))
+    return ((x - np.float32(mean)) / np.float32(std + eps)).astype(np.float32, copy=False)
 
 
 def _source_positions(n_in: int, n_out: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -43,57 +97,54 @@ def _source_positions(n_in: int, n_out: int) -> tuple[np.ndarray, np.ndarray, np
     return lo, hi, (pos - lo).astype(np.float32)
 
 
+def _lerp(a: np.ndarray, axis: int, lo: np.ndarray, hi: np.ndarray, w: np.ndarray) -> np.ndarray:
+    """Linear interpolation of float32 ``a`` along ``axis`` at the samples (lo, hi, upper weight w)."""
+    shape = [1] * a.ndim
+    shape[axis] = -1
+    w = w.reshape(shape)
+    return a.take(lo, axis=axis) * (1 - w) + a.take(hi, axis=axis) * w
+
+
 def iter_resized_slabs(
-    array: ArrayLike,
-    out_shape: tuple[int, int, int],
-    slab: int = 8,
-    device: torch.device | str | None = None,
-) -> Iterator[tuple[int, int, torch.Tensor]]:
+    array: np.ndarray, out_shape: tuple[int, int, int], slab: int = 8
+) -> Iterator[tuple[int, int, np.ndarray]]:
     """Yield ``(z0, z1, block)`` covering the trilinear resize of ``array`` to ``out_shape``.
 
-    ``array`` is (Z, Y, X) or (C, Z, Y, X), numpy or torch, any dtype. ``block`` is a float32
-    tensor (C, z1 - z0, Yo, Xo) (C = 1 for 3D input) on ``device`` (default: the array's device,
-    CPU for numpy).
+    ``array`` is (Z, Y, X) or (C, Z, Y, X), any dtype. ``block`` is float32 (C, z1 - z0, Yo, Xo)
+    (C = 1 for 3D input).
     """
-    channels_first = array.ndim == 4
     if array.ndim not in (3, 4):
         raise ValueError(f"expected a (Z, Y, X) or (C, Z, Y, X) array, got shape {tuple(array.shape)}")
-    zi = array.shape[-3]
+    src = np.asarray(array)
+    src = src if src.ndim == 4 else src[None]
     zo, yo, xo = (int(s) for s in out_shape)
     if min(zo, yo, xo) < 1:
         raise ValueError(f"invalid output shape {out_shape}")
-    if device is None:
-        device = array.device if isinstance(array, torch.Tensor) else "cpu"
-    lo, hi, w = _source_positions(zi, zo)
+    (lz, hz, wz), (ly, hy, wy), (lx, hx, wx) = (
+        _source_positions(n_in, n_out) for n_in, n_out in zip(src.shape[1:], (zo, yo, xo)))
+    rows = np.unique(np.concatenate([ly, hy]))  # only the source rows and columns that are sampled
+    cols = np.unique(np.concatenate([lx, hx]))
+    ry_lo, ry_hi = np.searchsorted(rows, ly), np.searchsorted(rows, hy)
+    cx_lo, cx_hi = np.searchsorted(cols, lx), np.searchsorted(cols, hx)
     for z0 in range(0, zo, slab):
         z1 = min(zo, z0 + slab)
-        s0, s1 = int(lo[z0]), int(hi[z1 - 1]) + 1
-        src = array[:, s0:s1] if channels_first else array[None, s0:s1]
-        if isinstance(src, np.ndarray):
-            src = torch.from_numpy(np.array(src, dtype=np.float32))  # a slab-sized copy
-        src = src.to(device=device, dtype=torch.float32)  # (C, n, Y, X)
-        planes = F.interpolate(src.transpose(0, 1), size=(yo, xo), mode="bilinear", align_corners=True)
-        planes = planes.transpose(0, 1)  # (C, n, Yo, Xo)
-        idx_lo = torch.as_tensor(lo[z0:z1] - s0, device=device)
-        idx_hi = torch.as_tensor(hi[z0:z1] - s0, device=device)
-        wz = torch.as_tensor(w[z0:z1], device=device).view(1, -1, 1, 1)
-        yield z0, z1, planes[:, idx_lo] * (1 - wz) + planes[:, idx_hi] * wz
+        s0, s1 = int(lz[z0]), int(hz[z1 - 1]) + 1
+        part = src[:, s0:s1][:, :, rows][:, :, :, cols].astype(np.float32)  # a slab-sized copy
+        planes = _lerp(_lerp(part, 2, ry_lo, ry_hi, wy), 3, cx_lo, cx_hi, wx)  # (C, n, Yo, Xo)
+        yield z0, z1, _lerp(planes, 1, lz[z0:z1] - s0, hz[z0:z1] - s0, wz[z0:z1])
 
 
-def resize_volume(
-    array: ArrayLike, out_shape: tuple[int, int, int], slab: int = 8, device: torch.device | str | None = None
-) -> torch.Tensor:
+def resize_volume(array: np.ndarray, out_shape: tuple[int, int, int], slab: int = 8) -> np.ndarray:
     """Trilinear (align_corners=True) resize of (Z, Y, X) or (C, Z, Y, X) to ``out_shape``.
 
     Returns float32 (Zo, Yo, Xo) or (C, Zo, Yo, Xo), matching the input's rank.
     """
-    blocks = [b for _, _, b in iter_resized_slabs(array, out_shape, slab, device)]
-    out = torch.cat(blocks, dim=1)
+    out = np.concatenate([b for _, _, b in iter_resized_slabs(array, out_shape, slab)], axis=1)
     return out if array.ndim == 4 else out[0]
 
 
 def resize_argmax(
-    probabilities: ArrayLike, out_shape: tuple[int, int, int], slab: int = 16, chunk: int = 1 << 19,
+    probabilities: np.ndarray, out_shape: tuple[int, int, int], slab: int = 16, chunk: int = 1 << 19,
     threads: int | None = None,
 ) -> np.ndarray:
     """Argmax of the trilinear (align_corners=True) resize of probabilities (C, Z, Y, X) to ``out_shape``.
@@ -103,42 +154,36 @@ def resize_argmax(
     so does the combination. Only voxels in cells whose corners disagree (near organ borders) are
     interpolated, in chunks of ``chunk`` voxels, so the full-size C-channel map never exists and
     the cost scales with the border area. Slabs of ``slab`` output slices are processed by
-    ``threads`` threads (default ``torch.get_num_threads()``). Returns uint8 labels (Zo, Yo, Xo)
-    on the CPU.
+    ``threads`` threads (default :func:`threads.get_threads`). Returns uint8 labels (Zo, Yo, Xo).
     """
     if probabilities.ndim != 4:
         raise ValueError(f"expected (C, Z, Y, X) probabilities, got shape {tuple(probabilities.shape)}")
-    probs = probabilities if isinstance(probabilities, torch.Tensor) else torch.from_numpy(probabilities)
-    probs = probs.detach().to("cpu", torch.float32).contiguous()
+    probs = np.ascontiguousarray(probabilities, dtype=np.float32)
     n_classes, zs, ys, xs = probs.shape
-    labels = probs.argmax(dim=0).to(torch.uint8)
+    labels = probs.argmax(axis=0).astype(np.uint8)
     uniform = _uniform_cells(labels)
-    axes = [_source_positions(n_in, int(n_out)) for n_in, n_out in zip((zs, ys, xs), out_shape)]
-    (lz, hz, wz), (ly, hy, wy), (lx, hx, wx) = [
-        (torch.from_numpy(lo), torch.from_numpy(hi), torch.from_numpy(w)) for lo, hi, w in axes
-    ]
-    flat = probs.view(n_classes, -1).numpy()
-    lz, ly, lx, hz, hy, hx = (t.numpy() for t in (lz, ly, lx, hz, hy, hx))
+    (lz, hz, wz), (ly, hy, wy), (lx, hx, wx) = (
+        _source_positions(n_in, int(n_out)) for n_in, n_out in zip((zs, ys, xs), out_shape))
+    flat = probs.reshape(n_classes, -1)
     # flat source index of each output voxel's lower corner, split per axis, and the step to the
     # upper corner along each axis (0 where the upper corner is clipped to the edge)
     base = (lz * (ys * xs), ly * xs, lx)
     step = ((hz - lz) * (ys * xs), (hy - ly) * xs, hx - lx)
-    weight = (wz.numpy(), wy.numpy(), wx.numpy())
-    labels_np, uniform_np = labels.numpy(), uniform.numpy()
+    weight = (wz, wy, wx)
     out = np.empty(tuple(int(s) for s in out_shape), dtype=np.uint8)
 
     def fill_slab(z0: int) -> None:
         z = slice(z0, min(out.shape[0], z0 + slab))
         grid = np.ix_(lz[z], ly, lx)
-        block = labels_np[grid]
-        voxels = np.nonzero(~uniform_np[grid])
+        block = labels[grid]
+        voxels = np.nonzero(~uniform[grid])
         for c0 in range(0, voxels[0].size, chunk):
             iz, iy, ix = (v[c0:c0 + chunk] for v in voxels)
             block[iz, iy, ix] = _interpolated_argmax(flat, (iz + z0, iy, ix), base, step, weight)
         out[z] = block
 
     starts = range(0, out.shape[0], slab)
-    workers = max(1, min(torch.get_num_threads() if threads is None else threads, len(starts)))
+    workers = max(1, min(get_threads() if threads is None else threads, len(starts)))
     if workers == 1:
         for z0 in starts:
             fill_slab(z0)
@@ -177,24 +222,23 @@ def _interpolated_argmax(
     return acc.argmax(axis=0).astype(np.uint8)
 
 
-def _uniform_cells(labels: torch.Tensor) -> torch.Tensor:
+def _uniform_cells(labels: np.ndarray) -> np.ndarray:
     """(Z, Y, X) bool: True where the 2x2x2 cell starting at the voxel (clipped at the far edges)
     holds a single label."""
-    padded = torch.cat([labels, labels[-1:]], 0)
-    padded = torch.cat([padded, padded[:, -1:]], 1)
-    padded = torch.cat([padded, padded[:, :, -1:]], 2)
+    padded = np.pad(labels, ((0, 1), (0, 1), (0, 1)), mode="edge")
     z, y, x = labels.shape
-    lo = hi = labels
+    lo, hi = labels.copy(), labels.copy()
     for dz in (0, 1):
         for dy in (0, 1):
             for dx in (0, 1):
                 corner = padded[dz:dz + z, dy:dy + y, dx:dx + x]
-                lo, hi = torch.minimum(lo, corner), torch.maximum(hi, corner)
+                np.minimum(lo, corner, out=lo)
+                np.maximum(hi, corner, out=hi)
     return lo == hi
 
 
-def pad_to_min_size(volume: torch.Tensor, min_shape: tuple[int, int, int], value: float = PAD_HU) -> tuple[
-    torch.Tensor, tuple[slice, slice, slice]
+def pad_to_min_size(volume: np.ndarray, min_shape: tuple[int, int, int], value: float = PAD_HU) -> tuple[
+    np.ndarray, tuple[slice, slice, slice]
 ]:
     """Pad (Z, Y, X) symmetrically with ``value`` to at least ``min_shape``.
 
@@ -207,6 +251,5 @@ def pad_to_min_size(volume: torch.Tensor, min_shape: tuple[int, int, int], value
         pads.append((before, extra - before))
         region.append(slice(before, before + n))
     if any(p != (0, 0) for p in pads):
-        flat = [v for p in reversed(pads) for v in p]  # F.pad wants last axis first
-        volume = F.pad(volume[None, None], flat, mode="constant", value=value)[0, 0]
+        volume = np.pad(volume, pads, mode="constant", constant_values=value)
     return volume, tuple(region)  # type: ignore[return-value]

@@ -6,6 +6,7 @@ compiled blobs next to it::
 
     <cache>/<sha>-<stage>-<ZxYxX>-torch<v>-opset<n>-v<n>.onnx    one graph (cache_name in onnx_backend)
     <cache>/openvino/<that name without .onnx>/*.blob           OpenVINO's compiled model(s) of that graph
+    <cache>/openvino/<sha>-<stage>-<ZxYxX>-stored-ov<v>/model.blob   compiled model of a graph stored in its bundle
     <cache>/openvino/<digits>.blob                              compiled models of older versions (no owner)
 
 ``<cache>`` is ``$ABDOMENKDSEG_CACHE``, else ``$XDG_CACHE_HOME/abdomen-kdseg``, else
@@ -49,6 +50,8 @@ STALE_TMP_S = 3600.0
 #: A graph file name (see onnx_backend.cache_name); ``key`` identifies the bundle (its SHA-256 prefix).
 GRAPH_RE = re.compile(r"^(?P<key>[0-9A-Za-z]+)-(?P<stage>coarse|fine)-\d+x\d+x\d+-torch[0-9A-Za-z_.]+"
                       r"-opset\d+-v[0-9A-Za-z_]+\.onnx$")
+#: The compiled-model folder of a graph stored in a bundle (``openvino_backend.stored_graph_name``).
+STORED_RE = re.compile(r"^(?P<key>[0-9A-Za-z]+)-(?P<stage>coarse|fine)-\d+x\d+x\d+-stored-ov[0-9A-Za-z_.]+$")
 #: A temporary file of the atomic write of a graph (:func:`atomic_files.atomic_path`: ``.<name>.<random>.tmp``).
 TMP_RE = re.compile(r"^\.(?P<graph>.+\.onnx)\.[^./]+\.tmp$")
 #: OpenVINO's compiled model files in the old flat layout (``openvino/<digits>.blob``).
@@ -84,7 +87,7 @@ def max_bytes() -> int:
 
 def bundle_key(graph_name: str) -> Optional[str]:
     """The bundle part of a graph file name (None if the name is not a graph's)."""
-    match = GRAPH_RE.match(graph_name)
+    match = GRAPH_RE.match(graph_name) or STORED_RE.match(graph_name)
     return match.group("key") if match else None
 
 
@@ -164,6 +167,10 @@ def scan(folder: Optional[Path] = None) -> tuple[List[Entry], List[Path]]:
                 else:  # the graph was deleted by hand: the blobs are of no use
                     mtime = max([p.stat().st_mtime for p in files] or [path.stat().st_mtime])
                     entries.append(Entry(f"{OPENVINO_DIR}/{path.name}", "compiled", mtime, files, [path]))
+            elif path.is_dir() and STORED_RE.match(path.name):  # a bundle's stored graph, compiled
+                files = _files_under(path)
+                mtime = max([p.stat().st_mtime for p in files] or [path.stat().st_mtime])
+                entries.append(Entry(path.name, "graph", mtime, files, [path]))
             elif path.is_file() and LEGACY_BLOB_RE.match(path.name):
                 entries.append(Entry(f"{OPENVINO_DIR}/{path.name}", "legacy", path.stat().st_mtime, [path]))
             else:

@@ -1,10 +1,11 @@
-"""ONNX Runtime CPU backend for the student networks (optional, needs ``onnxruntime``).
+"""ONNX Runtime CPU backend for the student networks (optional, needs ``onnxruntime``; no PyTorch).
 
-The student (a PyTorch module) is exported once per bundle, stage and window shape with the
-TorchScript-based ``torch.onnx.export`` (no network access) and run with an ONNX Runtime
-``CPUExecutionProvider`` session; the softmax over the class axis is applied afterwards with
-PyTorch (ONNX Runtime's Softmax on a non-last axis costs ~7x more). On a CPU this is about
-2.5x faster than eager PyTorch for the depthwise-separable student (``benchmarks/README.md``).
+The graph of a stage comes from the bundle when it stores one (:mod:`.bundle_graphs`: no PyTorch
+needed); otherwise the student (a PyTorch module) is exported once per bundle, stage and window
+shape with the TorchScript-based ``torch.onnx.export`` (no network access; needs PyTorch). It runs
+in an ONNX Runtime ``CPUExecutionProvider`` session; the softmax over the class axis is applied
+afterwards in numpy (ONNX Runtime's Softmax on a non-last axis costs ~7x more). On a CPU this is
+about 2.5x faster than eager PyTorch for the depthwise-separable student (``benchmarks/README.md``).
 
 Exported graphs are cached in ``$ABDOMENKDSEG_CACHE`` (default ``$XDG_CACHE_HOME/abdomen-kdseg``
 or ``~/.cache/abdomen-kdseg``) under a name built from the bundle's SHA-256, the stage, the
@@ -14,8 +15,8 @@ A cached graph is touched when used; after a new one is written the least recent
 beyond ``$ABDOMENKDSEG_CACHE_MAX_MB`` (default 400 MB) are deleted (:mod:`.graph_cache`). An
 export (a cache miss, 10-30 s for the default model) first prints one line on stderr saying so.
 
-Input of a runner: a (1, 1, Z, Y, X) float32 tensor of exactly the window shape (z-scored CT).
-Output: softmax probabilities (1, C, Z, Y, X), float32, on the CPU.
+Input of a runner: a (1, 1, Z, Y, X) float32 numpy array (or CPU torch tensor) of exactly the
+window shape (z-scored CT). Output: softmax probabilities (1, C, Z, Y, X), float32, of the same kind.
 """
 
 from __future__ import annotations
@@ -25,14 +26,17 @@ import io
 import sys
 import threading
 import warnings
-from typing import Callable, Optional, Sequence, TypeVar
+from typing import TYPE_CHECKING, Any, Callable, Optional, Sequence, TypeVar
 
 import numpy as np
-import torch
 
 from ..atomic_files import atomic_write_bytes
+from ..threads import get_threads
 from . import graph_cache
 from .graph_cache import CACHE_ENV, cache_dir  # noqa: F401 (CACHE_ENV: re-exported, the tests use it)
+
+if TYPE_CHECKING:
+    import torch
 
 #: ONNX opset used for the export (InstanceNormalization, ConvTranspose, grouped Conv).
 OPSET = 17
@@ -41,7 +45,8 @@ EXPORT_VERSION = "2"
 INPUT_NAME = "image"
 OUTPUT_NAME = "logits"
 
-Runner = Callable[[torch.Tensor], torch.Tensor]
+#: (1, 1, Z, Y, X) float32 window -> (1, C, Z, Y, X) probabilities (numpy in, numpy out; torch in, torch out)
+Runner = Callable[[Any], Any]
 T = TypeVar("T")
 
 
@@ -56,6 +61,8 @@ def available() -> bool:
 
 def cache_name(sha256: str, stage: str, window_zyx: Sequence[int]) -> str:
     """File name of a cached graph: bundle hash, stage, window (Z x Y x X), torch and export version."""
+    import torch
+
     window = "x".join(str(int(n)) for n in window_zyx)
     torch_version = torch.__version__.replace("+", "_")
     return f"{sha256[:32]}-{stage}-{window}-torch{torch_version}-opset{OPSET}-v{EXPORT_VERSION}.onnx"
@@ -67,6 +74,8 @@ def export_onnx(net: torch.nn.Module, window_zyx: Sequence[int]) -> bytes:
     The network is exported from a float32 CPU copy in eval mode; ``net`` itself is not changed.
     """
     import copy
+
+    import torch
 
     model = copy.deepcopy(net).float().cpu().eval()
     example = torch.zeros((1, 1) + tuple(int(n) for n in window_zyx), dtype=torch.float32)
@@ -114,12 +123,12 @@ def shared_arena() -> bool:
 
 
 def session_options(threads: Optional[int] = None):  # noqa: ANN201 (onnxruntime.SessionOptions)
-    """ONNX Runtime options: ``threads`` intra-op threads (default torch.get_num_threads()), one
+    """ONNX Runtime options: ``threads`` intra-op threads (default :func:`threads.get_threads`), one
     inter-op thread, sequential execution, all graph optimizations, the shared CPU arena."""
     import onnxruntime as ort
 
     options = ort.SessionOptions()
-    options.intra_op_num_threads = int(threads or torch.get_num_threads())
+    options.intra_op_num_threads = int(threads or get_threads())
     options.inter_op_num_threads = 1
     options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
@@ -207,27 +216,31 @@ def cached_graph(net: torch.nn.Module, window_zyx: Sequence[int], sha256: Option
     return load(model)
 
 
-def _device_of(net: torch.nn.Module) -> torch.device:
-    for p in net.parameters():
-        return p.device
-    return torch.device("cpu")
+def softmax(logits: np.ndarray, axis: int = 1) -> np.ndarray:
+    """Softmax of float32 ``logits`` over ``axis`` (in place where possible), float32."""
+    x = np.asarray(logits, dtype=np.float32)
+    x = x - x.max(axis=axis, keepdims=True)
+    np.exp(x, out=x)
+    x /= x.sum(axis=axis, keepdims=True)
+    return x
 
 
-def graph_runner(net: torch.nn.Module, window_zyx: Sequence[int], stage: str, engine: str,
-                 create: Callable[[], Callable[[np.ndarray], np.ndarray]], softmax: bool = True) -> Runner:
+def graph_runner(net: Optional[torch.nn.Module], window_zyx: Sequence[int], stage: str, engine: str,
+                 create: Callable[[], Callable[[np.ndarray], np.ndarray]], apply_softmax: bool = True) -> Runner:
     """A :data:`Runner` over a compiled graph that ``create()`` builds on the first call.
 
     ``create`` returns a function mapping the (1, 1, Z, Y, X) float32 numpy batch to logits
-    (1, C, Z, Y, X); softmax over C is applied here with PyTorch (``softmax=False``: the graph
-    already returns probabilities). If ``create`` fails, a
-    RuntimeWarning names ``engine`` and the cause and the runner uses PyTorch on ``net`` instead.
+    (1, C, Z, Y, X); softmax over C is applied here in numpy (``apply_softmax=False``: the graph
+    already returns probabilities). If ``create`` fails and there is a PyTorch ``net``, a
+    RuntimeWarning names ``engine`` and the cause and the runner uses PyTorch on ``net`` instead
+    (without ``net``, e.g. a bundle's stored graph run without PyTorch, the error is raised).
     Raises ValueError for a batch that is not exactly (1, 1, *window_zyx).
     """
     window = tuple(int(n) for n in window_zyx)
     state: dict[str, object] = {}
     lock = threading.Lock()
 
-    def run(batch: torch.Tensor) -> torch.Tensor:
+    def run(batch: Any) -> Any:
         if tuple(batch.shape) != (1, 1) + window:
             raise ValueError(f"the {engine} {stage} network takes a (1, 1, {window[0]}, {window[1]}, "
                              f"{window[2]}) batch, got {tuple(batch.shape)}")
@@ -236,36 +249,56 @@ def graph_runner(net: torch.nn.Module, window_zyx: Sequence[int], stage: str, en
                 try:
                     state["infer"] = create()
                 except Exception as exc:  # exporters and runtimes raise many types; PyTorch still works
+                    if net is None:
+                        raise
                     warnings.warn(f"the {engine} backend failed for the {stage} network "
                                   f"({type(exc).__name__}: {exc}); using PyTorch for it",
                                   RuntimeWarning, stacklevel=2)
-                    state["infer"] = None
+                    from . import torch_backend
+
+                    state["infer"] = torch_backend.make_runner(net, _device_of(net), channels_last=False)
+                    state["torch"] = True
         infer = state["infer"]
-        if infer is None:
-            with torch.inference_mode():
-                return torch.softmax(net(batch.to(_device_of(net))).float().cpu(), dim=1)
-        x = batch.detach().to("cpu", torch.float32).contiguous().numpy()
-        out = torch.from_numpy(np.ascontiguousarray(infer(x)))  # type: ignore[operator]
-        return torch.softmax(out, dim=1) if softmax else out
+        is_numpy = isinstance(batch, np.ndarray)
+        x = np.ascontiguousarray(batch if is_numpy else batch.detach().to("cpu").numpy(), dtype=np.float32)
+        out = np.ascontiguousarray(infer(x))  # type: ignore[operator]
+        if apply_softmax and not state.get("torch"):
+            out = softmax(out)
+        if is_numpy:
+            return out
+        import torch
+
+        return torch.from_numpy(out)
 
     return run
 
 
-def make_runner(net: torch.nn.Module, window_zyx: Sequence[int], sha256: Optional[str], stage: str,
-                threads: Optional[int] = None) -> Runner:
+def _device_of(net: torch.nn.Module) -> Any:
+    for p in net.parameters():
+        return p.device
+    return "cpu"
+
+
+def make_runner(net: Optional[torch.nn.Module], window_zyx: Sequence[int], sha256: Optional[str], stage: str,
+                threads: Optional[int] = None, graph: Optional[Callable[[], bytes]] = None) -> Runner:
     """A callable mapping a (1, 1, *window_zyx) float32 batch to softmax probabilities (1, C, Z, Y, X).
 
-    The graph is exported (or read from the cache) on the first call, so a stage that never runs
-    costs nothing. ``threads`` defaults to ``torch.get_num_threads()`` at that first call. If the
+    ``graph``: a function returning the stage's complete ONNX graph (a bundle's stored graph,
+    :func:`bundle_graphs.complete_graph`): used as it is, no PyTorch. Without it the graph of
+    ``net`` is exported (or read from the cache) on the first call, so a stage that never runs
+    costs nothing. ``threads`` defaults to :func:`threads.get_threads` at that first call. If the
     export or ONNX Runtime fails on this network, a RuntimeWarning says so and the runner computes
-    the same probabilities with PyTorch instead.
+    the same probabilities with PyTorch on ``net`` instead.
     Raises ImportError when onnxruntime is missing, ValueError for a batch of another shape.
     """
     if not available():
         raise ImportError("the ONNX backend needs onnxruntime: pip install onnxruntime (or use backend='torch')")
 
     def create() -> Callable[[np.ndarray], np.ndarray]:
-        session = load_or_export(net, window_zyx, sha256, stage, threads)
+        if graph is not None:
+            session = _new_session(graph(), threads)
+        else:
+            session = load_or_export(net, window_zyx, sha256, stage, threads)
         options = run_options()
         return lambda x: session.run([OUTPUT_NAME], {INPUT_NAME: x}, options)[0]
 

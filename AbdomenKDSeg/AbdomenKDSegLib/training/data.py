@@ -192,7 +192,7 @@ def read_case(case: CaseFiles) -> Tuple[np.ndarray, Optional[np.ndarray], Canoni
 # ---------------------------------------------------------------------------- resizing
 def resize_image(array: np.ndarray, out_shape: Sequence[int]) -> np.ndarray:
     """Trilinear resize of a (Z, Y, X) HU array; int16 if the source is integer-typed, else float32."""
-    out = resize_volume(array, tuple(int(s) for s in out_shape)).numpy()
+    out = resize_volume(array, tuple(int(s) for s in out_shape))
     if np.issubdtype(array.dtype, np.integer):
         rounded = np.round(out)
         if rounded.min() >= np.iinfo(np.int16).min and rounded.max() <= np.iinfo(np.int16).max:
@@ -209,7 +209,7 @@ def resize_labels(labels: np.ndarray, out_shape: Sequence[int]) -> np.ndarray:
     best = np.full(shape, -1.0, dtype=np.float32)
     out = np.zeros(shape, dtype=np.uint8)
     for value in np.unique(labels):  # ascending: ties keep the lower class, like argmax
-        prob = resize_volume((labels == value), shape).numpy()
+        prob = resize_volume((labels == value), shape)
         better = prob > best
         out[better] = value
         best[better] = prob[better]
@@ -350,8 +350,8 @@ def build_fine_cache(cases: Sequence[CaseFiles], cache_dir: str | Path, recipe: 
             if not fg.any():
                 warnings.warn(f"{case.case_id}: empty {'label' if label is not None else 'coarse mask'}; "
                               "using the centred fallback box", stacklevel=2)
-            box = crop_box(fg, image.shape, geom.canonical_spacing_zyx, recipe.fine_padding,
-                           recipe.fine_fallback_mm)
+            pre = recipe.preprocessing
+            box = crop_box(fg, image.shape, geom.canonical_spacing_zyx, pre.crop_padding, pre.fallback_box_mm_zyx)
             small = resize_image(image[box], recipe.fine_size)
             small_label = resize_labels(label[box], recipe.fine_size) if label is not None else None
             meta = {"key": key, "case_id": case.case_id, "kind": case.kind,

@@ -63,7 +63,7 @@ def all_gather_object(info: DistInfo, obj: Any) -> List[Any]:
 
 def pick_device(device: str, info: DistInfo) -> torch.device:
     """"auto" -> this rank's GPU if CUDA is available, else the CPU; "cuda" without CUDA is an error."""
-    chosen = resolve_device(device, fallback=False)
+    chosen = torch.device(resolve_device(device, fallback=False))
     if chosen.type == "cuda" and chosen.index is None:
         torch.cuda.set_device(info.local_rank)
         return torch.device("cuda", info.local_rank)

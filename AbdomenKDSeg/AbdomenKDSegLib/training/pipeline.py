@@ -24,8 +24,9 @@ import numpy as np
 import torch
 
 from .. import __version__
-from ..engine.bundle import DEFAULT_PREPROCESSING, ModelBundle, save_bundle
+from ..engine.bundle import save_bundle
 from ..engine.inference import resolve_device
+from ..engine.sliding_window import sliding_window_probabilities
 from ..errors import InputError
 from .checkpoint import load_checkpoint
 from .data import (
@@ -61,10 +62,7 @@ class TrainResult:
 
 def preprocessing_settings(recipe: Recipe) -> Dict[str, Any]:
     """The bundle's preprocessing block (read by the engine's Predictor) for ``recipe``."""
-    return {**DEFAULT_PREPROCESSING,
-            "coarse_size_zyx": list(recipe.coarse_size), "fine_size_zyx": list(recipe.fine_size),
-            "window_zyx": list(recipe.fine_size), "hu_window": list(recipe.hu_window),
-            "crop_padding": recipe.fine_padding, "fallback_box_mm_zyx": list(recipe.fine_fallback_mm)}
+    return recipe.preprocessing.to_dict()
 
 
 def _net_digest(net: torch.nn.Module) -> str:
@@ -79,20 +77,20 @@ def predict_unlabeled_masks(net: torch.nn.Module, cases: Sequence[CachedCase], f
                             device: torch.device, progress: bool = False) -> Dict[str, Path]:
     """Coarse label maps (argmax of the Gaussian-weighted sliding-window softmax) of unlabeled cases.
 
-    Uses the engine's :class:`~AbdomenKDSegLib.engine.inference.Predictor` windows on the cached coarse
-    volumes, like the reference (``test_nopreprocess``: probability maps, argmax, no largest-component
-    step). Saved as (Z, Y, X) uint8 .npy files; recomputed only when the network or the case changed.
+    Uses the engine's sliding window (:func:`~AbdomenKDSegLib.engine.sliding_window.sliding_window_probabilities`)
+    with the recipe's preprocessing on the cached coarse volumes, like the reference
+    (``test_nopreprocess``: probability maps, argmax, no largest-component step). Saved as (Z, Y, X)
+    uint8 .npy files; recomputed only when the network or the case changed.
     """
     from tqdm import tqdm
 
-    from ..engine.inference import Predictor
+    from ..runtimes import torch_backend
 
     folder.mkdir(parents=True, exist_ok=True)
-    model = copy.deepcopy(net).eval()
+    model = copy.deepcopy(net).eval()  # the caller's network keeps its mode and device
     digest = _net_digest(model)
-    bundle = ModelBundle(coarse=model, fine=model, metadata={"trained": True}, sha256=digest,
-                         preprocessing=preprocessing_settings(recipe))
-    predictor = Predictor(bundle, device=str(device))
+    network = torch_backend.make_runner(model, device)
+    pre = recipe.preprocessing
     out: Dict[str, Path] = {}
     for case in tqdm(cases, desc="coarse predictions (unlabeled)", disable=not progress, leave=False):
         path = folder / f"{case.case_id}.npy"
@@ -102,9 +100,9 @@ def predict_unlabeled_masks(net: torch.nn.Module, cases: Sequence[CachedCase], f
             out[case.case_id] = path
             continue
         image, _ = case.load()
-        volume = torch.from_numpy(np.asarray(image, dtype=np.float32))
-        probs = predictor.sliding_window_probabilities("coarse", volume)
-        labels = probs.argmax(0).to(torch.uint8).cpu().numpy()
+        probs = sliding_window_probabilities(network, np.asarray(image, dtype=np.float32), pre.window_zyx,
+                                             pre.window_overlap, pre.hu_window)
+        labels = probs.argmax(axis=0).astype(np.uint8)
         np.save(path, labels, allow_pickle=False)
         meta_path.write_text(json.dumps(key))
         out[case.case_id] = path
@@ -168,7 +166,7 @@ def train(config: Recipe | Dict[str, Any] | str | Path | None, data_dir: str | P
 
 def _train(recipe: Recipe, data_dir: str | Path, out_dir: str | Path, resume: bool,
            cache_dir: str | Path | None, device: str, max_steps: Optional[int], progress: bool) -> TrainResult:
-    dist = init_distributed(resolve_device(device, fallback=False).type)
+    dist = init_distributed(torch.device(resolve_device(device, fallback=False)).type)
     dev = pick_device(device, dist)
     if recipe.deterministic:
         torch.use_deterministic_algorithms(True, warn_only=dev.type == "cuda")

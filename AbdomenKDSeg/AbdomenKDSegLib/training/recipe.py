@@ -13,7 +13,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, Optional, Tuple
 
+from ..engine.preprocess import Preprocessing
 from ..errors import AbdomenKDSegError
+
+#: The paper's preprocessing, the source of the recipe's data-geometry defaults.
+_PRE = Preprocessing()
 
 
 class RecipeError(AbdomenKDSegError, ValueError):
@@ -130,13 +134,14 @@ class Recipe:
     focal_gamma: float = 2.0
     focal_smooth: float = 1e-5
     # data geometry, (Z, Y, X)
-    coarse_size: Tuple[int, int, int] = (96, 96, 96)
-    fine_size: Tuple[int, int, int] = (96, 64, 96)
-    patch_size: Tuple[int, int, int] = (96, 64, 96)
-    hu_window: Tuple[float, float] = (-300.0, 300.0)
+    # (defaults from :class:`Preprocessing`; :attr:`preprocessing` gives the bundle's block)
+    coarse_size: Tuple[int, int, int] = _PRE.coarse_size_zyx
+    fine_size: Tuple[int, int, int] = _PRE.fine_size_zyx
+    patch_size: Tuple[int, int, int] = _PRE.window_zyx
+    hu_window: Tuple[float, float] = _PRE.hu_window
     zscore_eps: float = 1e-5
-    fine_padding: float = 1.1  # box scaled about its centre (reference 1.1 = 5% per side)
-    fine_fallback_mm: Tuple[float, float, float] = (240.0, 160.0, 240.0)
+    fine_padding: float = _PRE.crop_padding  # box scaled about its centre (reference 1.1 = 5% per side)
+    fine_fallback_mm: Tuple[float, float, float] = _PRE.fallback_box_mm_zyx
     # folds over labeled cases: -1 = all labeled cases (reference); else KFold(n_folds, shuffle, fold_seed)
     fold: int = -1
     n_folds: int = 5
@@ -156,6 +161,14 @@ class Recipe:
     snapshot_every_epochs: int = 250  # kept copies (reference: weights every 250 epochs)
 
     # ------------------------------------------------------------------ helpers
+    @property
+    def preprocessing(self) -> Preprocessing:
+        """The inference settings this recipe trains for (stored in the bundle): its sizes, HU window
+        and crop box; inference windows have the fine size."""
+        return dataclasses.replace(_PRE, hu_window=self.hu_window, coarse_size_zyx=self.coarse_size,
+                                   fine_size_zyx=self.fine_size, window_zyx=self.fine_size,
+                                   crop_padding=self.fine_padding, fallback_box_mm_zyx=self.fine_fallback_mm)
+
     def stage_variant(self, stage: str) -> Variant:
         """The :class:`Variant` trained in ``stage`` ("coarse" or "fine")."""
         name = self.variant

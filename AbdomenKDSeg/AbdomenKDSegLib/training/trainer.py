@@ -142,7 +142,7 @@ class StageTrainer:
         """
         from ..engine.bundle import load_bundle
 
-        source = getattr(load_bundle(path, device="cpu"), self.stage)
+        source = load_bundle(path).network(self.stage)
         role = self.variant.export
         try:
             self.nets[role].load_state_dict(source.state_dict())
