@@ -97,3 +97,32 @@ def test_sample_ct_same_probabilities_and_labels_as_pytorch(tiny_bundle):
     assert a.shape == b.shape == tuple(reversed(image.GetSize()))
     # Random weights can leave near-ties between classes: allow a tiny fraction of flipped voxels.
     assert np.mean(a != b) < 1e-3
+
+
+def test_stored_graphs_keep_weights_and_card_and_run_without_export(tmp_path, monkeypatch):
+    """embed_graphs: the same tensors and card plus the weight-less graphs; the graph completed from the
+    bundle's own weights gives PyTorch's probabilities, and nothing is exported."""
+    from AbdomenKDSegLib.engine.bundle import GRAPH_PREFIX, load_bundle, verify_bundle
+    from AbdomenKDSegLib.runtimes import bundle_graphs
+
+    plain = make_tiny_bundle(tmp_path / "tiny.safetensors", seed=3)
+    stored = bundle_graphs.embed_graphs(plain, tmp_path / "stored.safetensors")
+    _, card_a, tensors_a = verify_bundle(plain)
+    _, card_b, tensors_b = verify_bundle(stored)
+    assert card_a == card_b and set(tensors_b) - set(tensors_a) == {
+        f"{GRAPH_PREFIX}{s}{w}" for s in ("coarse", "fine") for w in ("", ".weights")}
+    assert all(tensors_a[k].tobytes() == tensors_b[k].tobytes() for k in tensors_a)
+    bundle = load_bundle(stored)
+    assert bundle_graphs.weight_names(bundle, "coarse")  # the weights are not stored twice
+    assert len(bundle.graph("coarse")) < sum(v.nbytes for v in bundle.stage_tensors("coarse").values())
+
+    def no_export(*args, **kwargs):
+        raise AssertionError("a stored graph must not be exported")
+
+    monkeypatch.setattr(onnx_backend, "export_onnx", no_export)
+    predictor = Predictor(bundle, device="cpu", backend="onnx")
+    window = bundle.preprocessing.window_zyx
+    x = np.random.default_rng(0).normal(size=(1, 1) + tuple(window)).astype(np.float32)
+    got = predictor.runners["coarse"](x)
+    expected = torch_probabilities(load_bundle(plain).coarse, torch.from_numpy(x)).numpy()
+    assert got.shape == expected.shape and np.abs(got - expected).max() < 1e-4

@@ -50,6 +50,7 @@ from AbdomenKDSegLib.engine.inference import segment_file
 from AbdomenKDSegLib.engine.networks import NetworkConfig
 from AbdomenKDSegLib.errors import BundleError
 from AbdomenKDSegLib.evaluation.metrics import score_images
+from AbdomenKDSegLib.runtimes.bundle_graphs import embed_graphs
 from AbdomenKDSegLib.training.recipe import Recipe, Variant, load_recipe
 
 REPO = Path(__file__).resolve().parents[1]
@@ -291,7 +292,8 @@ def main() -> int:
     if args.install:
         target = save_bundle(default_bundle_path(), run_bundle.coarse, run_bundle.fine, *configs, card,
                              dtype=torch.float16)
-        print(f"installed {target}")
+        embed_graphs(target)  # the ONNX graphs: CPU segmentation without PyTorch
+        print(f"installed {target} (with its ONNX graphs)")
     return 0
 
 
