@@ -54,17 +54,15 @@ class StageProgress:
 
 
 def print_summary(result, stream=None, organs: Sequence[int] | None = None) -> None:  # noqa: ANN001
-    """Organ table (voxels, mL) and seconds per stage of a :class:`SegmentationResult`; ``organs``:
-    the label values asked for (default all 13)."""
+    """Organ table (voxels, mL, the FLARE22 1st-99th percentile range scaled by the field of view, a flag
+    outside it: :mod:`engine.organ_statistics`) and seconds per stage of a :class:`SegmentationResult`;
+    ``organs``: the label values asked for (default all 13)."""
+    from .engine.organ_statistics import format_table, organ_table
     from .engine.organs import ORGANS
 
-    volumes = result.volumes_ml()
-    lines = [f"{'label':>5}  {'organ':<22}{'voxels':>12}{'volume mL':>12}"]
-    for organ in ORGANS:
-        if organs is not None and organ.value not in organs:
-            continue
-        n = result.voxel_counts.get(organ.value, 0)
-        lines.append(f"{organ.value:>5}  {organ.name:<22}{n:>12d}{volumes.get(organ.value, 0.0):>12.1f}")
+    chosen = [o for o in ORGANS if organs is None or o.value in organs]
+    rows = organ_table(result.volumes_ml(), _field_of_view_mm(result.output_path), chosen)
+    lines = format_table(rows, result.voxel_counts)
     timing = "  ".join(f"{k} {v:.2f}s" for k, v in result.timings.items())
     total = sum(result.timings.values())
     line = f"device {result.device}, backend {result.backend}; seconds: {timing}; total {total:.2f}s"
@@ -72,6 +70,21 @@ def print_summary(result, stream=None, organs: Sequence[int] | None = None) -> N
         line += f"; GPU peak {result.gpu_peak_mb:.0f} MiB"
     lines.append(line)
     print("\n".join(lines), file=stream or sys.stdout)
+
+
+def _field_of_view_mm(path: Path | None) -> float | None:
+    """Craniocaudal extent (mm) of an image file, from its header; None when it cannot be read."""
+    import SimpleITK as sitk
+
+    from .engine.organ_statistics import craniocaudal_extent_mm
+
+    try:
+        reader = sitk.ImageFileReader()
+        reader.SetFileName(str(path))
+        reader.ReadImageInformation()
+    except (RuntimeError, TypeError):
+        return None
+    return craniocaudal_extent_mm(reader.GetSize(), reader.GetSpacing(), reader.GetDirection())
 
 
 @dataclass
@@ -298,14 +311,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _subcommand_registrations() -> list[Callable[[argparse._SubParsersAction], None]]:
-    """``register_cli`` of the evaluation, training, 3D-figure and graph-cache commands (each module
+    """``register_cli`` of the evaluation, training, 3D-figure, graph-cache and web-app commands (each module
     imports its heavy dependencies only when its command runs)."""
     from .evaluation.evaluate import register_cli as evaluate
     from .figures.render3d import register_cli as render_3d
     from .runtimes.graph_cache import register_cli as cache
     from .training.cli import register_cli as train
+    from .web import register_cli as serve
 
-    return [evaluate, train, render_3d, cache]
+    return [evaluate, train, render_3d, cache, serve]
 
 
 def main(argv: Sequence[str] | None = None) -> int:

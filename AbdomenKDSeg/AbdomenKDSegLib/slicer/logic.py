@@ -51,6 +51,7 @@ from typing import Any, Callable, Optional, Sequence
 import slicer
 import vtk
 
+from ..engine.organ_statistics import OrganRow, craniocaudal_extent_mm, organ_table
 from ..engine.organs import BY_KEY, BY_VALUE, ORGANS, Organ
 from ..errors import AbdomenKDSegError, BundleError, InputError
 from ..request import (
@@ -174,6 +175,17 @@ def organVolumesMl(counts: dict[int, int], spacing: Any, organs: Any) -> dict[st
     return {o.name: counts[o.value] * voxelMl for o in organs if counts.get(o.value)}
 
 
+def fieldOfViewMm(volumeNode: Any) -> float | None:
+    """A volume node's extent along the patient's superior axis, mm (None without image data)."""
+    image = volumeNode.GetImageData() if volumeNode is not None else None
+    if image is None:
+        return None
+    matrix = vtk.vtkMatrix4x4()
+    volumeNode.GetIJKToRASDirectionMatrix(matrix)
+    direction = [matrix.GetElement(i, j) for i in range(3) for j in range(3)]
+    return craniocaudal_extent_mm(image.GetDimensions(), volumeNode.GetSpacing(), direction)
+
+
 @dataclass
 class RunInfo:
     """What the last successful run did: runtime used, seconds per stage, organ voxel counts, warnings.
@@ -192,6 +204,14 @@ class RunInfo:
     volumeName: str = ""
     #: organ name -> volume in mL (organs found), in organ order
     volumesMl: dict[str, float] = field(default_factory=dict)
+    #: the input's craniocaudal field of view in mm (scales the FLARE22 volume ranges); None: unknown
+    fieldOfViewMm: Optional[float] = None
+
+    def organTable(self) -> list[OrganRow]:
+        """The organ table of the panel, the CLI and the web app: each requested organ's volume against
+        the FLARE22 1st-99th percentile range scaled by the field of view, flagged outside it."""
+        names = set(self.volumesMl) | set(self.emptyOrgans)
+        return organ_table(self.volumesMl, self.fieldOfViewMm, [o for o in ORGANS if o.name in names])
 
     def volumeRows(self) -> list[tuple[str, str]]:
         """(organ, volume text) for the panel's table: the organs found in mL, then those not found."""
@@ -657,6 +677,7 @@ class AbdomenKDSegLogic:
             emptyOrgans=[o.name for o in run.organs if o.value not in done.voxel_counts],
             volumeName=run.input_node.GetName() or "",
             volumesMl=organVolumesMl(done.voxel_counts, run.input_node.GetSpacing(), run.organs),
+            fieldOfViewMm=fieldOfViewMm(run.input_node),
         )
         for note in self.lastRunInfo.notes():
             self.log(note)
