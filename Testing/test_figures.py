@@ -83,3 +83,43 @@ def test_render_figure_writes_a_png_with_ct_panels(two_organ_labels, tmp_path):
     out = render_figure(two_organ_labels, tmp_path / "figure.png", image_path=ct_path, size=200)
     width, height = png_size(out)
     assert width > 3 * height  # four panels side by side
+
+
+def _blend_mask(rgb, organ_key: str, background_hu: float):
+    """Pixels of ``rgb`` showing ``organ_key`` blended at alpha 0.5 over a CT of ``background_hu``."""
+    import numpy as np
+
+    from AbdomenKDSegLib.engine.organs import BY_KEY
+    from AbdomenKDSegLib.figures.preview import DISPLAY_HU
+
+    gray = np.clip((background_hu - DISPLAY_HU[0]) / (DISPLAY_HU[1] - DISPLAY_HU[0]), 0, 1)
+    expected = (0.5 * gray + 0.5 * np.array(BY_KEY[organ_key].color_float)) * 255
+    return np.abs(rgb.astype(float) - expected).max(axis=2) <= 2
+
+
+def test_preview_is_radiological_and_needs_no_matplotlib(two_organ_labels, tmp_path, monkeypatch):
+    """Patient right (liver) on the left of the picture, superior (the aorta's top) up on the coronal
+    panel, the true aspect ratio, the legend of the organs present; drawn without matplotlib."""
+    import sys
+
+    import numpy as np
+    import SimpleITK as sitk
+    from PIL import Image
+
+    from AbdomenKDSegLib.figures.preview import overlay_panel, save_preview
+
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # importing it would raise
+    labels = sitk.ReadImage(str(two_organ_labels))
+    ct = sitk.Cast(labels, sitk.sitkInt16) * 0 + 40  # a constant 40 HU CT on the same grid
+    out = save_preview(ct, labels, tmp_path / "preview.png", title="phantom")
+    rgb = np.asarray(Image.open(out).convert("RGB"))
+    liver, spleen = _blend_mask(rgb, "liver", 40.0), _blend_mask(rgb, "spleen", 40.0)
+    assert liver.sum() > 200 and spleen.sum() > 200
+    assert np.nonzero(liver)[1].min() < np.nonzero(spleen)[1].min()  # first panel: right on the left
+
+    column = np.zeros((10, 4), np.uint8)
+    column[0] = 5  # aorta in the first (inferior) row of a coronal slice
+    panel = overlay_panel(np.full((10, 4), 40.0), column, aspect=3.0, height=60, flip_rows=True)
+    assert panel.shape == (60, 8, 3)  # 10 rows x 3 mm high, 4 columns x 1 mm wide: 30 x 4 mm -> 60 x 8 px
+    aorta = _blend_mask(panel, "aorta", 40.0)
+    assert aorta[-6:].all() and not aorta[:-6].any()  # superior up: the first row is drawn at the bottom

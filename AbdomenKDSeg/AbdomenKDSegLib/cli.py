@@ -173,6 +173,7 @@ def cmd_segment(args: argparse.Namespace) -> int:
 
     predictor = Predictor(args.model, device=args.device, channels_last=not args.no_channels_last,
                           backend=args.backend)
+    predictor.prepare_in_background(("coarse",) if args.no_fine else ("coarse", "fine"))  # while the CT is read
     failed: list[tuple[str, str]] = []
     for job in plan.jobs:
         bar = StageProgress(job.name, disable=args.quiet, fine=not args.no_fine,

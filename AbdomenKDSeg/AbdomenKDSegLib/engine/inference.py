@@ -18,6 +18,7 @@ a bundle without stored graphs (exported once, :mod:`runtimes.onnx_backend`).
 
 from __future__ import annotations
 
+import threading
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -206,6 +207,22 @@ class Predictor:
         self.backend = self._select_backend(backend)
         #: stage name -> network callable: (1, 1, Z, Y, X) float32 window -> softmax probabilities
         self.runners: dict[str, Network] = self._make_runners()
+
+    def prepare_in_background(self, stages: Sequence[str] = STAGES) -> threading.Thread:
+        """Compile (or import from the cache) the CPU runtime's models of ``stages`` in a daemon
+        thread, so that it overlaps reading and preprocessing the image; the first window of a stage
+        waits for its model. Nothing to do for the torch backend. Failures are left to the first call."""
+        runners = [self.runners[stage] for stage in stages]
+
+        def work() -> None:
+            for runner in runners:
+                prepare = getattr(runner, "prepare", None)
+                if prepare is not None:
+                    prepare()
+
+        thread = threading.Thread(target=work, name="abdomen-kdseg-prepare", daemon=True)
+        thread.start()
+        return thread
 
     def _select_backend(self, backend: str) -> str:
         """The backend that runs the networks: "torch" on CUDA or when asked for; on the CPU the

@@ -1,12 +1,15 @@
 """PNG previews: axial and coronal CT slices with the organ labels overlaid in the organ colors.
 
 Slices are shown in radiological convention (patient right on the left of the picture, anterior
-up on axial views, superior up on coronal views), with the true voxel aspect ratio.
+up on axial views, superior up on coronal views), with the true voxel aspect ratio. Drawn with
+Pillow (CT bilinear, labels nearest, alpha-blended in numpy), so the base install needs no plotting
+library; the 3D figures (:mod:`.render3d`) use matplotlib and VTK from the ``[figures]`` extra.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING, Sequence
 
 import numpy as np
 import SimpleITK as sitk
@@ -16,8 +19,15 @@ from ..engine.geometry import to_canonical
 from ..engine.image_io import PathLike
 from ..engine.organs import BY_VALUE, NUM_CLASSES
 
+if TYPE_CHECKING:
+    from PIL import Image
+
 #: Display window for soft tissue (HU).
 DISPLAY_HU = (-160.0, 240.0)
+#: Height of each slice panel in the preview (pixels); widths follow the physical aspect ratio.
+PANEL_HEIGHT = 400
+_MARGIN = 10
+_LEGEND_COLUMNS = 7
 
 
 def label_colormap(alpha: float = 0.5) -> np.ndarray:
@@ -43,15 +53,68 @@ def _pick_slices(labels: np.ndarray) -> tuple[list[int], list[int]]:
     return axial, coronal
 
 
+def overlay_panel(ct_slice: np.ndarray, label_slice: np.ndarray, aspect: float, height: int = PANEL_HEIGHT,
+                  alpha: float = 0.5, flip_rows: bool = False) -> np.ndarray:
+    """RGB uint8 (height, width, 3) of a CT slice (HU, rows x columns) in :data:`DISPLAY_HU` with
+    ``label_slice`` (FLARE22 values, same shape) blended in the organ colors.
+
+    ``aspect``: physical height / width of one pixel (row spacing / column spacing), so the panel
+    keeps the true proportions; ``flip_rows``: draw the last row at the top (coronal: superior up).
+    """
+    from PIL import Image
+
+    rows, cols = ct_slice.shape
+    width = max(1, int(round(height * cols / (rows * aspect))))
+    low, high = DISPLAY_HU
+    gray = np.clip((np.asarray(ct_slice, np.float32) - low) / (high - low), 0.0, 1.0)
+    gray = np.asarray(Image.fromarray(gray).resize((width, height), Image.BILINEAR), np.float32)
+    labels = Image.fromarray(np.asarray(label_slice, np.uint8)).resize((width, height), Image.NEAREST)
+    rgba = label_colormap(alpha)[np.minimum(np.asarray(labels), NUM_CLASSES - 1)]
+    rgb = gray[..., None] * (1.0 - rgba[..., 3:]) + rgba[..., :3] * rgba[..., 3:]
+    if flip_rows:
+        rgb = rgb[::-1]
+    return np.round(np.clip(rgb, 0.0, 1.0) * 255).astype(np.uint8)
+
+
+def _font(size: int):  # noqa: ANN202 (PIL.ImageFont)
+    from PIL import ImageFont
+
+    return ImageFont.load_default(size=size)
+
+
+def compose_figure(panels: Sequence[tuple[str, np.ndarray]], legend: Sequence[tuple[tuple[float, float, float], str]],
+                   title: str) -> Image.Image:
+    """One black RGB figure: ``title`` on top, the RGB ``panels`` side by side each under its name,
+    and a legend of (color 0..1, text) entries in rows of up to seven along the bottom."""
+    from PIL import Image, ImageDraw
+
+    title_font, name_font, legend_font = _font(16), _font(12), _font(12)
+    height = max(p.shape[0] for _, p in panels)
+    width = sum(p.shape[1] for _, p in panels) + _MARGIN * (len(panels) + 1)
+    legend_rows = -(-len(legend) // _LEGEND_COLUMNS)
+    top = 2 * _MARGIN + 16 + 18
+    figure = Image.new("RGB", (max(width, 300), top + height + _MARGIN + legend_rows * 20 + _MARGIN), "black")
+    draw = ImageDraw.Draw(figure)
+    draw.text((figure.width // 2, _MARGIN), title, fill="white", font=title_font, anchor="mt")
+    x = _MARGIN
+    for name, pixels in panels:
+        draw.text((x + pixels.shape[1] // 2, top - 4), name, fill="white", font=name_font, anchor="mb")
+        figure.paste(Image.fromarray(pixels), (x, top))
+        x += pixels.shape[1] + _MARGIN
+    column_width = (figure.width - 2 * _MARGIN) // max(1, min(_LEGEND_COLUMNS, len(legend)))
+    for index, (color, text) in enumerate(legend):
+        row, column = divmod(index, _LEGEND_COLUMNS)
+        lx, ly = _MARGIN + column * column_width, top + height + _MARGIN + row * 20
+        draw.rectangle((lx, ly + 2, lx + 12, ly + 14), fill=tuple(int(round(c * 255)) for c in color))
+        draw.text((lx + 18, ly + 8), text, fill="white", font=legend_font, anchor="lm")
+    return figure
+
+
 def save_preview(image: sitk.Image, labels: sitk.Image, path: PathLike, title: str | None = None) -> Path:
     """Write a PNG with 3 axial slices and 1 coronal slice of ``image`` overlaid with ``labels``.
 
     ``image`` (HU) and ``labels`` must share size and geometry. Written atomically.
     """
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
     if image.GetSize() != labels.GetSize():
         raise ValueError(f"image size {image.GetSize()} differs from label size {labels.GetSize()}")
     ct_img, geom = to_canonical(image)
@@ -60,42 +123,13 @@ def save_preview(image: sitk.Image, labels: sitk.Image, path: PathLike, title: s
     lab = sitk.GetArrayViewFromImage(lab_img).astype(np.uint8)
     sz, sy, sx = geom.canonical_spacing_zyx
     axial, coronal = _pick_slices(lab)
-    lut = label_colormap()
-    views = [(f"axial z={k}", ct[k], lab[k], sy / sx, "upper") for k in axial]
-    views += [(f"coronal y={k}", ct[:, k, :], lab[:, k, :], sz / sx, "lower") for k in coronal]
-    fig, axes = plt.subplots(1, len(views), figsize=(4.2 * len(views), 5.0), facecolor="black")
-    for ax, (name, ct_slice, lab_slice, aspect, origin) in zip(np.atleast_1d(axes), views):
-        ax.imshow(ct_slice, cmap="gray", vmin=DISPLAY_HU[0], vmax=DISPLAY_HU[1], aspect=aspect,
-                  origin=origin, interpolation="bilinear")
-        ax.imshow(lut[lab_slice], aspect=aspect, origin=origin, interpolation="nearest")
-        ax.set_title(name, color="white", fontsize=9)
-        ax.axis("off")
-    present = [BY_VALUE[v] for v in sorted(set(np.unique(lab).tolist()) - {0})]
-    add_organ_legend(fig, present, [f"{o.value} {o.name}" for o in present])
-    fig.suptitle(title or "AbdomenKDSeg", color="white")
-    fig.tight_layout(rect=(0, 0.08, 1, 0.95))
-    return save_figure_atomic(fig, path)
-
-
-def add_organ_legend(fig, organs, labels: list[str], max_columns: int = 7) -> None:  # noqa: ANN001
-    """A legend of organ color patches along the bottom of a black figure (nothing if no organ)."""
-    from matplotlib.patches import Patch
-
-    handles = [Patch(color=o.color_float, label=text) for o, text in zip(organs, labels)]
-    if handles:
-        fig.legend(handles=handles, loc="lower center", ncol=min(max_columns, len(handles)), fontsize=8,
-                   facecolor="black", labelcolor="white", frameon=False)
-
-
-def save_figure_atomic(fig, path: PathLike) -> Path:  # noqa: ANN001
-    """Save a matplotlib figure as PNG through a temporary file and a rename, then close it."""
-    import matplotlib.pyplot as plt
-
+    panels = [(f"axial z={k}", overlay_panel(ct[k], lab[k], sy / sx)) for k in axial]
+    panels += [(f"coronal y={k}", overlay_panel(ct[:, k, :], lab[:, k, :], sz / sx, flip_rows=True))
+               for k in coronal]
+    present = [BY_VALUE[v] for v in sorted(set(np.unique(lab).tolist()) - {0}) if v in BY_VALUE]
+    figure = compose_figure(panels, [(o.color_float, f"{o.value} {o.name}") for o in present],
+                            title or "AbdomenKDSeg")
     out = Path(path)
-    try:
-        with atomic_path(out, suffix=".png") as tmp:
-            fig.savefig(tmp, dpi=100, facecolor="black", format="png")
-    finally:
-        plt.close(fig)
-        tmp.unlink(missing_ok=True)
+    with atomic_path(out, suffix=".png") as tmp:
+        figure.save(tmp, format="PNG")
     return out

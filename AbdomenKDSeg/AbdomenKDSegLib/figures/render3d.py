@@ -14,6 +14,7 @@ Command line: ``abdomen-kdseg render-3d LABELS OUT.png [--image CT] [--title T]`
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,10 +26,10 @@ import SimpleITK as sitk
 from ..engine.geometry import to_canonical
 from ..engine.image_io import PathLike
 from ..engine.organs import BY_VALUE
-from .preview import add_organ_legend, save_figure_atomic
+from ..errors import UsageError
+from .matplotlib_figures import add_organ_legend, save_figure_atomic
+from .preview import DISPLAY_HU
 
-#: Display window for the CT slices (HU).
-DISPLAY_HU = (-160.0, 240.0)
 #: Camera directions (LPS, from the focal point towards the camera) and view-up vectors.
 VIEWS = {
     "anterior": ((0.0, -1.0, 0.0), (0.0, 0.0, 1.0)),
@@ -300,6 +301,9 @@ def render_figure(labels_path: PathLike, out_path: PathLike, image_path: PathLik
 
 def cmd_render(args: argparse.Namespace) -> int:
     """``render-3d`` subcommand."""
+    if importlib.util.find_spec("matplotlib") is None:
+        raise UsageError("render-3d needs matplotlib (and VTK for the 3D surfaces): "
+                         "pip install 'abdomen-kdseg[figures]'")
     out = render_figure(args.labels, args.out, args.image, args.title, args.backend)
     print(f"wrote {out}")
     return 0

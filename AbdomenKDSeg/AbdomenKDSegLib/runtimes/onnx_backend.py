@@ -235,10 +235,21 @@ def graph_runner(net: Optional[torch.nn.Module], window_zyx: Sequence[int], stag
     RuntimeWarning names ``engine`` and the cause and the runner uses PyTorch on ``net`` instead
     (without ``net``, e.g. a bundle's stored graph run without PyTorch, the error is raised).
     Raises ValueError for a batch that is not exactly (1, 1, *window_zyx).
+
+    ``run.prepare()`` builds the graph ahead of the first call (e.g. in a background thread while
+    the image is read); it never raises or warns: a failure is left to the first call to report.
     """
     window = tuple(int(n) for n in window_zyx)
     state: dict[str, object] = {}
     lock = threading.Lock()
+
+    def prepare() -> None:
+        with lock:
+            if "infer" not in state:
+                try:
+                    state["infer"] = create()
+                except Exception:  # the first call tries again and reports it (or falls back to PyTorch)
+                    pass
 
     def run(batch: Any) -> Any:
         if tuple(batch.shape) != (1, 1) + window:
@@ -270,6 +281,7 @@ def graph_runner(net: Optional[torch.nn.Module], window_zyx: Sequence[int], stag
 
         return torch.from_numpy(out)
 
+    run.prepare = prepare  # type: ignore[attr-defined]
     return run
 
 

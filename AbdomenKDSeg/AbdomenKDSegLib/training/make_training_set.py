@@ -321,7 +321,8 @@ def save_case_preview(image: np.ndarray, labels: np.ndarray, target_on_grid: Opt
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from ..figures.preview import DISPLAY_HU, label_colormap, save_figure_atomic
+    from ..figures.matplotlib_figures import save_figure_atomic
+    from ..figures.preview import DISPLAY_HU, label_colormap
 
     lut = label_colormap(0.35)
     z = np.flatnonzero(labels.any(axis=(1, 2)))
