@@ -117,6 +117,38 @@ def test_runtime_failure_falls_back_to_pytorch(backend, monkeypatch):
     torch.testing.assert_close(probs, torch_probabilities(net, x), atol=1e-6, rtol=0)
 
 
+def test_prepare_builds_the_graph_once_ahead_and_leaves_failures_to_the_first_call(backend, monkeypatch):
+    import warnings
+
+    real, calls = getattr(backend.module, backend.breakable), []
+
+    def counted(*args, **kwargs):
+        calls.append(1)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(backend.module, backend.breakable, counted)
+    net = tiny_student()
+    x = torch.randn((1, 1) + TINY_WINDOW)
+    runner = backend.module.make_runner(net, TINY_WINDOW, SHA, "coarse")
+    runner.prepare()
+    assert len(calls) == 1  # built before any window
+    runner.prepare()
+    probs = runner(x)
+    assert len(calls) == 1  # neither a second prepare nor the call builds it again
+    assert (probs - torch_probabilities(net, x)).abs().max().item() < backend.tolerance
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("no such operator here")
+
+    monkeypatch.setattr(backend.module, backend.breakable, broken)
+    failing = backend.module.make_runner(net, TINY_WINDOW, SHA, "fine")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        failing.prepare()  # silent: no exception, no warning
+    with pytest.warns(RuntimeWarning, match=f"{backend.engine} backend failed for the fine network"):
+        failing(x)  # the first call reports it and falls back to PyTorch
+
+
 def test_batch_of_another_shape_is_refused(backend):
     runner = backend.module.make_runner(tiny_student(), TINY_WINDOW, SHA, "coarse")
     with pytest.raises(ValueError, match=rf"{backend.engine} coarse network takes a \(1, 1, 16, 16, 32\)"):

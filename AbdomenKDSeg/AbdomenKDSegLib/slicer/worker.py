@@ -279,6 +279,7 @@ class Engine:
                                                            backend=request.backend)
             self.key, self.load_warnings, self.loads = key, list(caught), self.loads + 1
             self.device_loaded = str(self.predictor.device)
+            self.predictor.prepare_in_background(("coarse", "fine") if request.fine else ("coarse",))
         for w in self.load_warnings:  # what loading said, for this run too
             warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
         try:
