@@ -78,11 +78,17 @@ def training_seconds(run: Path) -> dict[str, float]:
     return out
 
 
+#: Recipe keys given on the command line rather than in the file (``train --init-from``): not compared.
+COMMAND_LINE_KEYS = ("init_from",)
+
+
 def run_recipe(name: str, card_recipe: dict, recipes: Path = RECIPES) -> Recipe:
-    """The recipe file ``recipes/<name>.yaml``, checked to be the recipe the run recorded in its card."""
+    """The recipe file ``recipes/<name>.yaml``, checked to be the recipe the run recorded in its card
+    (but for :data:`COMMAND_LINE_KEYS`)."""
     recipe = load_recipe(recipes / f"{name}.yaml")
     recorded = Recipe.from_dict(card_recipe).to_dict()
-    differing = sorted(k for k in set(recorded) | set(recipe.to_dict()) if recorded.get(k) != recipe.to_dict().get(k))
+    differing = sorted(k for k in set(recorded) | set(recipe.to_dict())
+                       if k not in COMMAND_LINE_KEYS and recorded.get(k) != recipe.to_dict().get(k))
     if differing:
         raise SystemExit(f"recipe {name} is not the recipe of this run: {', '.join(differing)} differ "
                          "(give the right one with --recipe)")
@@ -181,10 +187,27 @@ def data_card(report: dict, data: dict, uses_unlabeled: bool) -> dict:
     return out
 
 
+def initialised_from(path: Path) -> dict:
+    """What a fine-tuned run started from (``train --init-from``): the bundle's checksum and card text,
+    read before the new model replaces it."""
+    header, card = read_bundle_metadata(path)
+    return {"bundle": path.name, "sha256": header["sha256"], "recipe": card.get("method", {}).get("recipe"),
+            "method": card.get("method", {}).get("text", ""), "data": card.get("data", {}).get("description", ""),
+            "validation_mean_dsc": {case: res.get("mean_dsc") for case, res in
+                                    (card.get("metrics") or {}).get("validation", {}).items()},
+            "previous": card.get("training", {}).get("initialised_from")}
+
+
 def card_text(card: dict, recipe_name: str, recipe: Recipe, report: dict) -> dict:
     """The text fields of a model card (``description``, ``method``, ``data``), derived from the recipe,
-    the generator's report and the figures already measured in ``card["metrics"]`` (none invented)."""
+    the generator's report and the figures already measured in ``card["metrics"]`` (none invented).
+    A fine-tuned model (``card["training"]["initialised_from"]``) names the model it started from."""
     method = method_card(recipe_name, recipe)
+    start = card.get("training", {}).get("initialised_from")
+    if start:
+        method["initialised_from"] = start["sha256"]
+        method["text"] += (f"; started from the weights of the previous default model (bundle {start['sha256'][:12]}, "
+                           f"{start['method']})")
     data = data_card(report, card.get("data", {}), method["unlabeled_data"])
     on_cpu = "no GPU" in str(card.get("training", {}).get("hardware", ""))
     validation = (card.get("metrics") or {}).get("validation") or {}
@@ -246,6 +269,8 @@ def main() -> int:
     if args.run is None or args.data is None:
         parser.error("RUN_DIR and --data are required (or --rewrite-card)")
     run_bundle = load_bundle(args.run / "model.safetensors")
+    start = run_bundle.metadata.get("recipe", {}).get("init_from")
+    start_card = initialised_from(Path(start)) if start else None  # before --install replaces that file
     arch = run_bundle.metadata["architecture"]
     configs = NetworkConfig.from_dict(arch["coarse"]), NetworkConfig.from_dict(arch["fine"])
     with tempfile.TemporaryDirectory() as tmp:
@@ -267,6 +292,8 @@ def main() -> int:
     card["training"] = {**card.get("training", {}), "seconds_per_stage": training_seconds(args.run),
                         "hardware": f"{platform.processor() or platform.machine()}, "
                                     f"{torch.get_num_threads()} CPU threads, no GPU"}
+    if start_card is not None:
+        card["training"]["initialised_from"] = start_card
     card["metrics"] = {
         "validation": {case: {k: res[k] for k in ("organs_scored", "per_organ", "mean_dsc", "mean_nsd",
                                                    "empty_organs")}
