@@ -51,6 +51,40 @@ def test_window_starts_half_overlap():
         window_starts(10, 64)
 
 
+@pytest.mark.parametrize("shape", [(96, 64, 96), (96, 96, 96), (40, 50, 70)])
+def test_sliding_window_blends_window_softmaxes_with_gaussian_weights(shape):
+    """One window (the fine crop), two along Y (the coarse 96^3) and a padded small volume: the
+    Gaussian-weighted average of the window outputs, renormalised over the classes."""
+    from AbdomenKDSegLib.engine.sliding_window import sliding_window_probabilities
+
+    rng = np.random.default_rng(3)
+    window, outputs = (96, 64, 96), []
+
+    def network(x):
+        raw = rng.uniform(0.1, 1.0, (1, 3) + x.shape[2:]).astype(np.float32)
+        outputs.append(raw.copy())  # the function may weight the returned array in place
+        return raw
+
+    volume = rng.uniform(-1000, 400, shape).astype(np.float32)
+    got = sliding_window_probabilities(network, volume, window, 0.5, (-500, 500))
+    padded = tuple(max(n, w) for n, w in zip(shape, window))
+    starts = [window_starts(n, w) for n, w in zip(padded, window)]
+    weight = gaussian_importance(window)
+    total, norm = np.zeros((3,) + padded, np.float64), np.zeros(padded, np.float64)
+    positions = [(z, y, x) for z in starts[0] for y in starts[1] for x in starts[2]]
+    assert len(positions) == len(outputs)
+    for (z, y, x), original in zip(positions, outputs):
+        sl = (slice(z, z + window[0]), slice(y, y + window[1]), slice(x, x + window[2]))
+        total[(slice(None),) + sl] += original[0] * weight
+        norm[sl] += weight
+    expected = total / norm
+    expected /= expected.sum(axis=0, keepdims=True)
+    lo = [(p - n) // 2 for p, n in zip(padded, shape)]
+    expected = expected[(slice(None),) + tuple(slice(a, a + n) for a, n in zip(lo, shape))]
+    assert got.shape == (3,) + shape and got.dtype == np.float32
+    np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-6)
+
+
 def test_coarse_stage_runs_two_windows(tiny_predictor):
     calls = []
     tiny_predictor.progress = lambda stage, f: calls.append((stage, f))

@@ -72,23 +72,32 @@ def sliding_window_probabilities(
     The volume is padded with air to at least one window of ``window_zyx``; windows overlap by
     ``overlap`` (fraction); each window is clipped to ``hu_window`` (low, high HU) and z-scored on
     its own; window softmaxes are blended with the Gaussian weights and renormalised across
-    channels. ``progress(fraction)`` is called after each window.
+    channels. ``progress(fraction)`` is called after each window. The array ``network`` returns is
+    weighted in place (the runners return a fresh one per call); with a single window it becomes
+    the result, so no volume-sized buffers are allocated.
     """
     window = tuple(int(n) for n in window_zyx)
     padded, region = pad_to_min_size(np.asarray(volume), window, PAD_HU)
     starts = [window_starts(n, w, overlap) for n, w in zip(padded.shape, window)]
     positions = [(z, y, x) for z in starts[0] for y in starts[1] for x in starts[2]]
     weight = _importance(window, 1.0 / 8)
+    single = len(positions) == 1  # the window is the volume: no accumulation buffers
     total: np.ndarray | None = None
-    norm = np.zeros(padded.shape, dtype=np.float32)
+    norm = weight if single else np.zeros(padded.shape, dtype=np.float32)
     for i, (z, y, x) in enumerate(positions):
         sl = (slice(z, z + window[0]), slice(y, y + window[1]), slice(x, x + window[2]))
         patch = clip_and_zscore(padded[sl], float(hu_window[0]), float(hu_window[1]))
-        probs = np.asarray(network(np.ascontiguousarray(patch[None, None])))[0]
-        if total is None:
-            total = np.zeros((probs.shape[0],) + tuple(padded.shape), dtype=np.float32)
-        total[(slice(None),) + sl] += probs * weight
-        norm[sl] += weight
+        probs = np.asarray(network(np.ascontiguousarray(patch[None, None]))[0], dtype=np.float32)
+        if not probs.flags.writeable:
+            probs = probs.copy()
+        np.multiply(probs, weight, out=probs)  # in place: no window-sized temporary
+        if single:
+            total = probs
+        else:
+            if total is None:
+                total = np.zeros((probs.shape[0],) + tuple(padded.shape), dtype=np.float32)
+            total[(slice(None),) + sl] += probs
+            norm[sl] += weight
         if progress is not None:
             progress((i + 1) / len(positions))
     assert total is not None
