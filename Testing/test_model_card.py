@@ -240,3 +240,24 @@ def test_card_method_follows_the_recipe_variant(monkeypatch):
     assert "proposed method" in proposed["text"] and "labeled and unlabeled data" in proposed["text"]
     fsl = tool.method_card("cpu_synthetic", load_recipe(tool.RECIPES / "cpu_synthetic.yaml"))
     assert fsl["text"].startswith("recipe cpu_synthetic: FSL") and "7+13 epochs, Adam" in fsl["text"]
+
+
+def test_fine_tuned_card_names_the_model_it_started_from(monkeypatch, tmp_path):
+    """A run trained with ``--init-from`` records that bundle's checksum, method and scores, and the card's
+    method text says so; the recipe check ignores the command-line ``init_from`` path."""
+    tool = _card_tool(monkeypatch)
+    from AbdomenKDSegLib.training.recipe import load_recipe
+
+    start = tool.initialised_from(default_bundle_path())
+    header, shipped = read_bundle_metadata(default_bundle_path())
+    assert start["sha256"] == header["sha256"] and start["method"] == shipped["method"]["text"]
+    assert set(start["validation_mean_dsc"]) == set(shipped["metrics"]["validation"])
+    recipe = load_recipe(tool.RECIPES / "cpu_synthetic_continue.yaml")
+    recorded = {**recipe.to_dict(), "init_from": str(tmp_path / "elsewhere.safetensors")}
+    assert tool.run_recipe("cpu_synthetic_continue", recorded).to_dict() == recipe.to_dict()
+    card = {"data": {"labeled_cases": []}, "training": {"initialised_from": start}}
+    text = tool.card_text(card, "cpu_synthetic_continue", recipe, json.loads(tool.GENERATOR_REPORT.read_text()))
+    assert text["method"]["initialised_from"] == header["sha256"]
+    assert f"started from the weights of the previous default model (bundle {header['sha256'][:12]}" \
+        in text["method"]["text"]
+    assert "1+14 epochs" in text["method"]["text"]
