@@ -260,4 +260,4 @@ def test_fine_tuned_card_names_the_model_it_started_from(monkeypatch, tmp_path):
     assert text["method"]["initialised_from"] == header["sha256"]
     assert f"started from the weights of the previous default model (bundle {header['sha256'][:12]}" \
         in text["method"]["text"]
-    assert "1+14 epochs" in text["method"]["text"]
+    assert "1+18 epochs" in text["method"]["text"]
