@@ -206,8 +206,9 @@ def card_text(card: dict, recipe_name: str, recipe: Recipe, report: dict) -> dic
     start = card.get("training", {}).get("initialised_from")
     if start:
         method["initialised_from"] = start["sha256"]
+        # the starting model's own method text stays in its card; here only its bundle and recipe
         method["text"] += (f"; started from the weights of the previous default model (bundle {start['sha256'][:12]}, "
-                           f"{start['method']})")
+                           f"recipe {start['recipe']})")
     data = data_card(report, card.get("data", {}), method["unlabeled_data"])
     on_cpu = "no GPU" in str(card.get("training", {}).get("hardware", ""))
     validation = (card.get("metrics") or {}).get("validation") or {}
