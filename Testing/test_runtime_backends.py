@@ -168,6 +168,37 @@ def test_export_prints_one_line_on_a_cache_miss_only(backend, capsys):
     assert "for the fine network of this model, not cached" in capsys.readouterr().err
 
 
+def test_a_background_preparation_is_silent_and_a_first_call_waiting_for_it_says_why(backend, capsys, monkeypatch):
+    """An export in ``prepare()`` (a background thread while the CT is read) prints nothing, so an input
+    that then fails to read stays one error line; a window that has to wait for it says so."""
+    import threading
+
+    net = tiny_student()
+    x = torch.randn((1, 1) + TINY_WINDOW)
+    backend.module.make_runner(net, TINY_WINDOW, SHA, "coarse").prepare()  # a cache miss
+    assert capsys.readouterr().err == ""
+    real, started, release = getattr(backend.module, backend.breakable), threading.Event(), threading.Event()
+
+    def slow(*args, **kwargs):
+        started.set()
+        release.wait(10)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(backend.module, backend.breakable, slow)
+    monkeypatch.setattr(onnx_backend, "PREPARE_NOTICE_S", 0.05)
+    runner = backend.module.make_runner(net, TINY_WINDOW, SHA, "fine")
+    thread = threading.Thread(target=runner.prepare)
+    thread.start()
+    assert started.wait(10)
+    threading.Timer(0.5, release.set).start()
+    probs = runner(x)  # waits for the preparation, then uses its graph
+    thread.join()
+    assert (probs - torch_probabilities(net, x)).abs().max().item() < backend.tolerance
+    waiting = [line for line in capsys.readouterr().err.splitlines() if "waiting" in line]
+    assert waiting == [f"waiting for the CPU runtime ({backend.engine}) to be prepared for the fine network "
+                       "(the first run of a model: up to about 30 s)..."]
+
+
 def test_a_new_graph_prunes_old_bundles_and_a_hit_touches_its_graph(backend, monkeypatch):
     folder = onnx_backend.cache_dir()
     folder.mkdir(parents=True)

@@ -168,12 +168,23 @@ def load_or_export(net: torch.nn.Module, window_zyx: Sequence[int], sha256: Opti
     return cached_graph(net, window_zyx, sha256, stage, lambda model: _new_session(model, threads))
 
 
+#: set in a thread that prepares graphs ahead of use (:func:`graph_runner`'s ``prepare``): no messages
+#: there, the call that waits for it speaks instead (an input that fails to read must stay one error line)
+_QUIET = threading.local()
+
+
 def announce_export(engine: str, stage: str, cached: bool) -> None:
     """One line on stderr before an export (a cache miss), above any progress bar: the CLI shows it and
-    the Slicer worker forwards it to the module's log."""
+    the Slicer worker forwards it to the module's log. Silent in a background preparation."""
+    if getattr(_QUIET, "on", False):
+        return
     once = ("once per model: up to about 30 s" if cached else
             "not cached (the model has no checksum): up to about 30 s")
-    message = f"preparing the CPU runtime ({engine}) for the {stage} network of this model, {once}..."
+    _say(f"preparing the CPU runtime ({engine}) for the {stage} network of this model, {once}...")
+
+
+def _say(message: str) -> None:
+    """``message`` on stderr, above any tqdm progress bar."""
     try:
         from tqdm import tqdm
 
@@ -225,6 +236,10 @@ def softmax(logits: np.ndarray, axis: int = 1) -> np.ndarray:
     return x
 
 
+#: seconds a first call waits silently for a background preparation before it says why it waits
+PREPARE_NOTICE_S = 1.0
+
+
 def graph_runner(net: Optional[torch.nn.Module], window_zyx: Sequence[int], stage: str, engine: str,
                  create: Callable[[], Callable[[np.ndarray], np.ndarray]], apply_softmax: bool = True) -> Runner:
     """A :data:`Runner` over a compiled graph that ``create()`` builds on the first call.
@@ -246,16 +261,23 @@ def graph_runner(net: Optional[torch.nn.Module], window_zyx: Sequence[int], stag
     def prepare() -> None:
         with lock:
             if "infer" not in state:
+                _QUIET.on = True
                 try:
                     state["infer"] = create()
                 except Exception:  # the first call tries again and reports it (or falls back to PyTorch)
                     pass
+                finally:
+                    _QUIET.on = False
 
     def run(batch: Any) -> Any:
         if tuple(batch.shape) != (1, 1) + window:
             raise ValueError(f"the {engine} {stage} network takes a (1, 1, {window[0]}, {window[1]}, "
                              f"{window[2]}) batch, got {tuple(batch.shape)}")
-        with lock:
+        if not lock.acquire(timeout=PREPARE_NOTICE_S):  # a background preparation is still compiling
+            _say(f"waiting for the CPU runtime ({engine}) to be prepared for the {stage} network "
+                 "(the first run of a model: up to about 30 s)...")
+            lock.acquire()
+        try:
             if "infer" not in state:
                 try:
                     state["infer"] = create()
@@ -269,6 +291,8 @@ def graph_runner(net: Optional[torch.nn.Module], window_zyx: Sequence[int], stag
 
                     state["infer"] = torch_backend.make_runner(net, _device_of(net), channels_last=False)
                     state["torch"] = True
+        finally:
+            lock.release()
         infer = state["infer"]
         is_numpy = isinstance(batch, np.ndarray)
         x = np.ascontiguousarray(batch if is_numpy else batch.detach().to("cpu").numpy(), dtype=np.float32)
