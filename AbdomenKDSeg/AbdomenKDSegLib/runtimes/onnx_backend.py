@@ -252,7 +252,8 @@ def graph_runner(net: Optional[torch.nn.Module], window_zyx: Sequence[int], stag
     Raises ValueError for a batch that is not exactly (1, 1, *window_zyx).
 
     ``run.prepare()`` builds the graph ahead of the first call (e.g. in a background thread while
-    the image is read); it never raises or warns: a failure is left to the first call to report.
+    the image is read); it never raises, warns or prints: a failure is left to the first call to report,
+    and a first call that waits more than :data:`PREPARE_NOTICE_S` for it prints one line saying why.
     """
     window = tuple(int(n) for n in window_zyx)
     state: dict[str, object] = {}
