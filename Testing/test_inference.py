@@ -258,3 +258,30 @@ def test_bad_coarse_output_fails_before_any_work(tmp_path, coarse_name, message)
         segment_file(SAMPLE_CT, tmp_path / "fine.nii.gz", model=tmp_path / "not-loaded.safetensors",
                      coarse_output=tmp_path / coarse_name)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["folder"]
+
+
+def test_a_short_scan_runs_padded_to_the_minimum_extent_and_comes_back_at_its_own_size(tiny_predictor, monkeypatch):
+    """A 72 mm scan (24 slices of 3 mm): both stages see it padded to 100 mm (34 slices) by its end
+    slices; the labels (and the kept coarse result) have the input's geometry; with 0 mm nothing is padded."""
+    import dataclasses
+
+    from AbdomenKDSegLib.engine import inference
+
+    seen = []
+    real = inference.resize_volume
+    monkeypatch.setattr(inference, "resize_volume", lambda array, shape, **kw: seen.append(array.shape) or
+                        real(array, shape, **kw))
+    image = synthetic_ct()  # 40 x 36 x 24 voxels, 2 x 2 x 3 mm
+    assert tiny_predictor.preprocessing.min_z_extent_mm == 100.0
+    labels, info = tiny_predictor.predict(image, keep_coarse=True)
+    assert_same_geometry(labels, image)
+    assert_same_geometry(info.coarse_image, image)
+    assert seen[0] == (34, 36, 40)  # coarse: the whole scan, padded
+    assert seen[1][0] * 3.0 >= 100.0  # fine: the crop, padded
+    assert info.crop_box is not None and 0 <= info.crop_box[0].start < info.crop_box[0].stop <= 24
+    seen.clear()
+    monkeypatch.setattr(tiny_predictor, "preprocessing",
+                        dataclasses.replace(tiny_predictor.preprocessing, min_z_extent_mm=0.0))
+    unpadded, _ = tiny_predictor.predict(image)
+    assert seen[0] == (24, 36, 40) and seen[1][0] <= 24
+    assert_same_geometry(unpadded, image)

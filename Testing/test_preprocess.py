@@ -7,7 +7,15 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from AbdomenKDSegLib.engine.preprocess import clip_and_zscore, pad_to_min_size, resize_argmax, resize_volume
+from AbdomenKDSegLib.engine.preprocess import (
+    Preprocessing,
+    clip_and_zscore,
+    pad_to_min_size,
+    pad_z_to_extent,
+    resize_argmax,
+    resize_volume,
+    z_padding,
+)
 
 
 @pytest.mark.parametrize("out_shape", [(7, 5, 9), (20, 3, 4), (1, 6, 6), (33, 17, 12)])
@@ -99,3 +107,31 @@ def test_resize_argmax_shortcut_is_exact_on_real_organ_shapes():
     fast = resize_argmax(probs.numpy(), out_shape, slab=7, chunk=1000)  # small slabs/chunks exercise the loops
     assert len(np.unique(full)) >= 10
     assert (fast != full).mean() < 1e-4  # float rounding may only flip exact ties
+
+
+def test_z_padding_reaches_the_minimum_extent_split_evenly():
+    assert z_padding(11, 5.0, 100.0) == (4, 5)  # 55 mm -> 20 slices = 100 mm
+    assert z_padding(20, 5.0, 100.0) == (0, 0)  # exactly long enough
+    assert z_padding(300, 0.8, 100.0) == (0, 0)
+    assert z_padding(10, 3.0, 0.0) == (0, 0)  # 0: the paper's behaviour
+    lo, hi = z_padding(7, 1.6, 100.0)
+    assert (7 + lo + hi) * 1.6 >= 100.0 > (6 + lo + hi) * 1.6 and abs(lo - hi) <= 1
+
+
+def test_pad_z_to_extent_repeats_end_slices_and_recovers_the_scan():
+    vol = np.arange(3 * 2 * 2, dtype=np.int16).reshape(3, 2, 2)
+    padded, region = pad_z_to_extent(vol, 10.0, 60.0)
+    assert padded.shape == (6, 2, 2) and region == slice(1, 4)
+    assert np.array_equal(padded[region], vol)
+    assert np.array_equal(padded[0], vol[0])
+    assert np.array_equal(padded[-1], vol[-1]) and np.array_equal(padded[-2], vol[-1])
+    same, whole = pad_z_to_extent(vol, 30.0, 60.0)
+    assert same is vol and whole == slice(0, 3)  # long enough: no copy
+
+
+def test_min_z_extent_is_in_the_model_card_block_and_old_cards_get_the_default():
+    pre = Preprocessing(min_z_extent_mm=0.0)
+    assert pre.to_dict()["min_z_extent_mm"] == 0.0
+    assert Preprocessing.from_dict(pre.to_dict()) == pre
+    old = {k: v for k, v in Preprocessing().to_dict().items() if k != "min_z_extent_mm"}
+    assert Preprocessing.from_dict(old).min_z_extent_mm == Preprocessing().min_z_extent_mm == 100.0

@@ -135,7 +135,8 @@ def test_kfold_partitions_labeled_cases():
 
 def test_coarse_and_fine_cache(tmp_path):
     root = make_folder(tmp_path / "data", 1, 1)
-    recipe = Recipe(coarse_size=(16, 16, 16), fine_size=(16, 8, 16), patch_size=(16, 8, 16))
+    recipe = Recipe(coarse_size=(16, 16, 16), fine_size=(16, 8, 16), patch_size=(16, 8, 16),
+                    min_z_extent_mm=0.0)  # the reference: no padding of the 60 mm phantom
     files = find_cases(root)
     cases = build_coarse_cache(list(files.labeled + files.unlabeled), tmp_path / "cache", recipe)
     image, label = cases[0].load()
@@ -161,3 +162,22 @@ def test_coarse_and_fine_cache(tmp_path):
     assert fine[1].meta()["box"] == [[s.start, s.stop] for s in ubox]
     with pytest.raises(InputError, match="no coarse prediction"):
         build_fine_cache(list(files.unlabeled), tmp_path / "cache2", recipe, {})
+
+
+def test_short_scans_are_padded_with_their_end_slices_like_at_inference(tmp_path):
+    root = make_folder(tmp_path / "data", 1, 0)  # a 20-slice phantom, 3 mm slices: 60 mm
+    recipe = Recipe(coarse_size=(16, 16, 16), fine_size=(16, 8, 16), patch_size=(16, 8, 16), min_z_extent_mm=90.0)
+    coarse = build_coarse_cache(find_cases(root).labeled, tmp_path / "cache", recipe)
+    assert coarse[0].meta()["canonical_shape"] == [30, 24, 28]  # 90 mm / 3 mm
+    ct, label = _phantom()
+    image, small_label = coarse[0].load()
+    padded = np.pad(label, ((5, 5), (0, 0), (0, 0)), mode="edge")
+    from AbdomenKDSegLib.training.data import resize_labels
+
+    assert np.array_equal(small_label, resize_labels(padded, (16, 16, 16)))
+    unpadded = build_coarse_cache(find_cases(root).labeled, tmp_path / "cache0",
+                                  Recipe(coarse_size=(16, 16, 16), min_z_extent_mm=0.0))
+    assert not np.array_equal(unpadded[0].load()[1], small_label)
+    fine = build_fine_cache(find_cases(root).labeled, tmp_path / "cache", recipe)
+    box = crop_box(padded > 0, padded.shape, (3.0, 2.0, 2.0), 1.1, (240.0, 160.0, 240.0))
+    assert fine[0].meta()["box"] == [[s.start, s.stop] for s in box]

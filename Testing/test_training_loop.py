@@ -433,7 +433,7 @@ def test_end_to_end_real_data_to_segmentation(data_dir, tmp_path):
     assert np.load(preds[0]).shape == (96, 96, 96)
     fine_meta = json.loads((tmp_path / "run" / "cache" / "fine" / "dicom.json").read_text())
     assert np.load(tmp_path / "run" / "cache" / "fine" / "dicom.image.npy").shape == (96, 64, 96)
-    assert fine_meta["canonical_shape"] == [20, 512, 512]
+    assert fine_meta["canonical_shape"] == [50, 512, 512]  # the 40 mm DICOM slab padded to min_z_extent_mm 100
     bundle = load_bundle(result.bundle)
     assert bundle.trained and bundle.metadata["recipe"]["variant"] == "proposed"
     assert bundle.metadata["data"] == {"labeled": 1, "unlabeled": 2, "labeled_cases": ["ct3mm"],

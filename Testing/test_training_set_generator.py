@@ -10,6 +10,7 @@ import pytest
 import SimpleITK as sitk
 import torch
 
+from AbdomenKDSegLib.errors import InputError
 from AbdomenKDSegLib.training.anatomy_transfer import (
     STRETCH_RANGE,
     FitSettings,
@@ -28,6 +29,8 @@ from AbdomenKDSegLib.training.make_training_set import (
     draw_render,
     make_training_set,
     parse_heldout,
+    parse_range,
+    parse_weights,
 )
 
 torch.set_num_threads(1)
@@ -251,3 +254,63 @@ def test_above_the_source_top_the_target_organs_and_lung_are_painted():
     lung = (tgt[above] == 0) & (np.broadcast_to(src_lab[-1], labels[above].shape) > 0)
     assert lung.any() and (image[above][lung] < -600).all()  # lung where the source liver would go on
     assert np.array_equal(labels[:20], src_lab)  # inside the source: its own labels
+
+
+def test_weighted_set_numbers_its_variants_after_the_first_set_and_draws_only_what_it_weights(inputs, tmp_path):
+    """A second set that stresses thin non-contrast slabs, mergeable with the first (other case names)."""
+    slab = replace(RenderRanges(inplane_spacing_mm=(4.0, 6.0), slice_spacing_mm=(4.0, 6.0)),
+                   fov_probabilities=parse_weights("slab=1", [n for n, _ in RenderRanges().fov_probabilities], "fov"),
+                   slab_mm=(40.0, 60.0))
+    look = replace(AppearanceRanges(), phase_probabilities=parse_weights(
+        "non_contrast=1", [n for n, _ in AppearanceRanges().phase_probabilities], "phase"))
+    report = make_training_set(options(inputs, tmp_path / "slab", variants=1, first_variant=2, render=slab,
+                                       appearance=look, previews=0, include_source=False))
+    assert sorted(c["case"] for c in report["cases"]) == ["case_0001_v2", "case_0002_v2", "case_0003_v2"]
+    assert report["first_variant"] == 2 and list(report["render_ranges"]["slab_mm"]) == [40.0, 60.0]
+    for case in report["cases"]:
+        assert case["render"]["fov"] == "slab" and case["appearance"]["phase"] == "non_contrast"
+        z = case["render"]["z_range_mm"]
+        assert 20.0 - 1e-6 <= z[1] - z[0] <= 60.0 + 1e-6
+    assert (tmp_path / "slab" / "imagesTr" / "case_0001_v2_0000.nii.gz").is_file()
+
+
+def test_default_weights_keep_the_draws_of_earlier_sets():
+    """Weights given as options are normalised; the defaults draw exactly what they drew before."""
+    phases = [n for n, _ in AppearanceRanges().phase_probabilities]
+    doubled = replace(AppearanceRanges(), phase_probabilities=tuple((n, 2 * w) for n, w in
+                                                                    AppearanceRanges().phase_probabilities))
+    for seed in range(20):
+        a = draw_appearance(np.random.default_rng(seed), 2.0)
+        assert a == draw_appearance(np.random.default_rng(seed), 2.0, doubled)
+        assert a.phase in phases
+
+
+def test_parse_weights_and_ranges_name_the_bad_item():
+    names = ["a", "b", "c"]
+    assert parse_weights("b=2, a=0.5", names, "fov") == (("a", 0.5), ("b", 2.0), ("c", 0.0))
+    for bad, match in (("d=1", "one of a, b, c"), ("a", "NAME=WEIGHT"), ("a=x", "not a number"),
+                       ("a=0", "positive sum"), ("a=-1,b=2", ">= 0")):
+        with pytest.raises(InputError, match=match):
+            parse_weights(bad, names, "fov")
+    assert parse_range("40-80", "--slab-mm") == (40.0, 80.0)
+    for bad in ("80-40", "40", "a-b", "0-5"):
+        with pytest.raises(InputError, match="--slab-mm"):
+            parse_range(bad, "--slab-mm")
+
+
+def test_fit_key_follows_file_contents_not_timestamps(inputs, tmp_path):
+    """A copied (or re-mounted) data folder keeps its fits; a changed label map does not."""
+    import os
+    import shutil
+
+    from AbdomenKDSegLib.training.transfer_store import fit_key
+
+    target = inputs["targets"] / "case_0001.nii.gz"
+    copy = tmp_path / "case_0001.nii.gz"
+    shutil.copy(target, copy)
+    os.utime(copy, ns=(1, 1))
+    assert fit_key(inputs["labels"], copy, QUICK) == fit_key(inputs["labels"], target, QUICK)
+    changed = sitk.GetArrayFromImage(sitk.ReadImage(str(target)))
+    changed[0, 0, 0] = 3
+    write(changed, copy, (7.0, 5.0, 5.0))
+    assert fit_key(inputs["labels"], copy, QUICK) != fit_key(inputs["labels"], target, QUICK)

@@ -39,7 +39,7 @@ from .geometry import crop_box, from_canonical, to_canonical
 from .image_io import PathLike, read_image, validate_ct, was_validated, write_image_atomic
 from .organs import BY_VALUE, resolve_organs
 from .postprocess import largest_component_per_class
-from .preprocess import Preprocessing, resize_argmax, resize_volume
+from .preprocess import Preprocessing, pad_z_to_extent, resize_argmax, resize_volume
 from .sliding_window import (  # noqa: F401  (gaussian_importance, window_starts: re-exported)
     Network,
     gaussian_importance,
@@ -303,13 +303,14 @@ class Predictor:
         labels = probs.argmax(axis=0).astype(np.uint8)
         return probs, largest_component_per_class(labels)
 
-    def predict_fine(self, canonical: np.ndarray, box: tuple[slice, slice, slice]) -> np.ndarray:
-        """Fine stage on the ``box`` crop of a canonical array; uint8 labels of the crop's shape."""
-        crop = canonical[box]
+    def predict_fine(self, canonical: np.ndarray, box: tuple[slice, slice, slice], spacing_z_mm: float) -> np.ndarray:
+        """Fine stage on the ``box`` crop of a canonical array with Z spacing ``spacing_z_mm``; uint8
+        labels of the crop's shape. A crop shorter than ``min_z_extent_mm`` runs padded (:func:`pad_z_to_extent`)."""
+        crop, region = pad_z_to_extent(canonical[box], spacing_z_mm, self.preprocessing.min_z_extent_mm)
         small = resize_volume(crop, self.preprocessing.fine_size_zyx)
         probs = self.sliding_window_probabilities("fine", small)
         self.progress("resample", 0.0)
-        labels = resize_argmax(probs, crop.shape)
+        labels = resize_argmax(probs, crop.shape)[region]
         self.progress("resample", 1.0)
         return largest_component_per_class(labels)
 
@@ -328,7 +329,9 @@ class Predictor:
         Before the networks run, :func:`body_mask.check_has_body` raises :class:`InputError` for an
         image with nothing to segment (constant, no body, no soft tissue) and finds the patient's
         body: no label is kept outside it (air, the scanner table), neither in the coarse map the
-        fine crop box comes from nor in the outputs.
+        fine crop box comes from nor in the outputs. A scan shorter than the bundle's
+        ``min_z_extent_mm`` runs padded by repeats of its end slices (:func:`pad_z_to_extent`); the
+        padded slices are dropped from the outputs.
         ``keep_coarse`` (fine stage on only): also map the coarse result to full resolution into
         ``info.coarse_labels`` (same shape and dtype), costing one more full-size resize + argmax.
         """
@@ -338,6 +341,31 @@ class Predictor:
             import torch
 
             torch.cuda.reset_peak_memory_stats(self.device)
+        volume, scan = pad_z_to_extent(canonical, spacing_zyx[0], self.preprocessing.min_z_extent_mm)
+        out = self._predict_volume(volume, spacing_zyx, fine, keep_coarse, info)
+        if volume is not canonical:  # drop the padded slices
+            out = np.ascontiguousarray(out[scan])
+            if info.coarse_labels is not None:
+                info.coarse_labels = np.ascontiguousarray(info.coarse_labels[scan])
+            if info.crop_box is not None:
+                z = info.crop_box[0]
+                info.crop_box = (slice(max(z.start - scan.start, 0), min(z.stop - scan.start, canonical.shape[0])),
+                                 *info.crop_box[1:])
+        partial = field_of_view_warning(out, spacing_zyx)
+        if partial is not None:
+            warnings.warn(partial, PartialFieldOfViewWarning, stacklevel=2)
+            info.warnings.append(partial)
+        if on_gpu and self.device.startswith("cuda"):  # (not after a fallback to the CPU)
+            import torch
+
+            info.gpu_peak_mb = torch.cuda.max_memory_allocated(self.device) / 2**20
+        info.device = self.device.split(":")[0]
+        info.backend = self.backend
+        return out, info
+
+    def _predict_volume(self, canonical: np.ndarray, spacing_zyx: tuple[float, float, float], fine: bool,
+                        keep_coarse: bool, info: PredictionInfo) -> np.ndarray:
+        """Body mask, coarse and (``fine``) fine stage on a canonical array: its labels; fills ``info``."""
         t0 = time.perf_counter()
         body = check_has_body(canonical, spacing_zyx)
         info.timings["body"] = time.perf_counter() - t0
@@ -352,11 +380,11 @@ class Predictor:
                 size = "x".join(f"{v:g}" for v in self.preprocessing.fallback_box_mm_zyx)
                 msg = ("the coarse stage found no organ in this image (is it an abdominal CT?); "
                        f"the fine stage used a centred {size} mm box")
-                warnings.warn(msg, EmptyCoarseWarning, stacklevel=2)
+                warnings.warn(msg, EmptyCoarseWarning, stacklevel=3)
                 info.warnings.append(msg)
             box = crop_box(coarse_labels > 0, canonical.shape, spacing_zyx, self.preprocessing.crop_padding,
                            self.preprocessing.fallback_box_mm_zyx)
-            out[box] = self.predict_fine(canonical, box)
+            out[box] = self.predict_fine(canonical, box, spacing_zyx[0])
             body.apply(out, box)
             info.crop_box = box
             info.timings["fine"] = time.perf_counter() - t0
@@ -372,17 +400,7 @@ class Predictor:
             body.apply(out)
             self.progress("resample", 1.0)
             info.timings["upsample"] = time.perf_counter() - t0
-        partial = field_of_view_warning(out, spacing_zyx)
-        if partial is not None:
-            warnings.warn(partial, PartialFieldOfViewWarning, stacklevel=2)
-            info.warnings.append(partial)
-        if on_gpu and self.device.startswith("cuda"):  # (not after a fallback to the CPU)
-            import torch
-
-            info.gpu_peak_mb = torch.cuda.max_memory_allocated(self.device) / 2**20
-        info.device = self.device.split(":")[0]
-        info.backend = self.backend
-        return out, info
+        return out
 
     def predict(self, image: sitk.Image, fine: bool = True, organs: Sequence[str | int] | None = None,
                 keep_coarse: bool = False, check: bool = True) -> tuple[sitk.Image, PredictionInfo]:

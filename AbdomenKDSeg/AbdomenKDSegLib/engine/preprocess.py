@@ -14,6 +14,7 @@ result equals a whole-volume ``F.interpolate`` up to float rounding (~1e-6 relat
 from __future__ import annotations
 
 import dataclasses
+import math
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, Iterator, Tuple
@@ -35,7 +36,13 @@ class Preprocessing:
     ``window_zyx``/``window_overlap``: sliding-window shape and overlap fraction; ``crop_padding``:
     the coarse organ box is scaled by it about its centre (1.1 = 5 % per side);
     ``fallback_box_mm_zyx``: box (mm) centred in the volume when the coarse stage finds nothing;
-    ``orientation``: the canonical frame's code. :meth:`to_dict` gives the model card's JSON keys.
+    ``min_z_extent_mm``: a scan (coarse stage) or organ crop (fine stage) shorter than this from head
+    to foot is padded to it by repeating its first and last slices (:func:`pad_z_to_extent`) before
+    it is resized, and the padded slices are dropped again: a thin slab is then not stretched many
+    times along Z on the 96-voxel grids (chosen by measurement: on 55 mm slabs cut from the generated
+    held-out CT mean DSC 0.738 -> 0.770 with 100 mm; 0 = the paper's behaviour, which whole-abdomen
+    scans such as FLARE22's never reach). ``orientation``: the canonical frame's code.
+    :meth:`to_dict` gives the model card's JSON keys.
     """
 
     hu_window: Tuple[float, float] = (-300.0, 300.0)
@@ -45,6 +52,7 @@ class Preprocessing:
     window_overlap: float = 0.5
     crop_padding: float = 1.1
     fallback_box_mm_zyx: Tuple[float, float, float] = (240.0, 160.0, 240.0)
+    min_z_extent_mm: float = 100.0
     orientation: str = "LPS"
 
     def to_dict(self) -> dict[str, Any]:
@@ -57,6 +65,7 @@ class Preprocessing:
             "hu_window": [float(v) for v in self.hu_window],
             "crop_padding": float(self.crop_padding),
             "fallback_box_mm_zyx": [float(v) for v in self.fallback_box_mm_zyx],
+            "min_z_extent_mm": float(self.min_z_extent_mm),
             "orientation": str(self.orientation),
         }
 
@@ -235,6 +244,27 @@ def _uniform_cells(labels: np.ndarray) -> np.ndarray:
                 np.minimum(lo, corner, out=lo)
                 np.maximum(hi, corner, out=hi)
     return lo == hi
+
+
+def z_padding(n_slices: int, spacing_z_mm: float, min_extent_mm: float) -> tuple[int, int]:
+    """Slices to add (below, above) so that ``n_slices`` slices of ``spacing_z_mm`` span at least
+    ``min_extent_mm`` along Z; (0, 0) when they do already or ``min_extent_mm`` is 0."""
+    if min_extent_mm <= 0 or n_slices * spacing_z_mm >= min_extent_mm:
+        return 0, 0
+    extra = int(math.ceil(min_extent_mm / spacing_z_mm - 1e-9)) - n_slices
+    return extra // 2, extra - extra // 2
+
+
+def pad_z_to_extent(volume: np.ndarray, spacing_z_mm: float, min_extent_mm: float) -> tuple[np.ndarray, slice]:
+    """``volume`` (Z, ...) padded along Z to ``min_extent_mm`` by repeating its first and last slices
+    (labels too: the repeated slices show the same organs), and the Z slice of the original in it.
+    Returns ``volume`` itself (no copy) when it is long enough."""
+    lo, hi = z_padding(volume.shape[0], spacing_z_mm, min_extent_mm)
+    region = slice(lo, lo + volume.shape[0])
+    if lo == hi == 0:
+        return volume, region
+    pads = [(lo, hi)] + [(0, 0)] * (volume.ndim - 1)
+    return np.pad(volume, pads, mode="edge"), region
 
 
 def pad_to_min_size(volume: np.ndarray, min_shape: tuple[int, int, int], value: float = PAD_HU) -> tuple[

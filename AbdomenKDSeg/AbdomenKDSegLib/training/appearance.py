@@ -66,6 +66,8 @@ class AppearanceRanges:
     blur_mm: Range = (0.0, 1.2)  # in-plane Gaussian blur (sigma, mm)
     clip_probability: float = 0.35  # store clipped at [-1024, 1023] as some sources do
     kidney_cortex_mm: float = 5.0
+    #: (phase, weight) pairs, normalised when drawn; default :data:`PHASE_PROBABILITIES`
+    phase_probabilities: Tuple[Tuple[str, float], ...] = tuple(PHASE_PROBABILITIES.items())
 
 
 @dataclass
@@ -88,8 +90,9 @@ class AppearanceDraw:
 def draw_appearance(rng: np.random.Generator, slice_thickness_mm: float,
                     ranges: AppearanceRanges = AppearanceRanges()) -> AppearanceDraw:
     """Draw one image's appearance; ``slice_thickness_mm`` is drawn by the caller with the grid."""
-    phases = list(PHASE_PROBABILITIES)
-    phase = str(rng.choice(phases, p=np.array([PHASE_PROBABILITIES[p] for p in phases])))
+    phases = [name for name, _ in ranges.phase_probabilities]
+    weights = np.array([w for _, w in ranges.phase_probabilities], dtype=np.float64)
+    phase = str(rng.choice(phases, p=weights / weights.sum()))
     organ_hu = {k: float(rng.uniform(*r)) for k, r in PHASE_HU[phase].items()}
     medulla = KIDNEY_MEDULLA[phase]
     return AppearanceDraw(

@@ -112,15 +112,37 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 def cmd_make_training_set(args: argparse.Namespace) -> int:
     """Run ``make-training-set`` from parsed arguments; returns the exit code."""
-    from .make_training_set import GeneratorOptions, make_training_set, parse_heldout
+    import dataclasses
 
-    if args.variants < 1 or args.workers < 1 or args.heldout_variants < 1:
-        raise InputError("--variants, --heldout-variants and --workers must be >= 1")
+    from .appearance import AppearanceRanges
+    from .make_training_set import (
+        GeneratorOptions,
+        RenderRanges,
+        make_training_set,
+        parse_heldout,
+        parse_range,
+        parse_weights,
+    )
+
+    if args.variants < 1 or args.workers < 1 or args.heldout_variants < 1 or args.first_variant < 0:
+        raise InputError("--variants, --heldout-variants and --workers must be >= 1, --first-variant >= 0")
+    render, look = RenderRanges(), AppearanceRanges()
+    if args.fov_weights:
+        render = dataclasses.replace(render, fov_probabilities=parse_weights(
+            args.fov_weights, [n for n, _ in render.fov_probabilities], "field-of-view"))
+    if args.slab_mm:
+        render = dataclasses.replace(render, slab_mm=parse_range(args.slab_mm, "--slab-mm"))
+    if args.thickness_mm:
+        render = dataclasses.replace(render, slice_thickness_mm=parse_range(args.thickness_mm, "--thickness-mm"))
+    if args.phase_weights:
+        look = dataclasses.replace(look, phase_probabilities=parse_weights(
+            args.phase_weights, [n for n, _ in look.phase_probabilities], "contrast-phase"))
     opts = GeneratorOptions(
         source_image=Path(args.source_image), source_labels=Path(args.source_labels), targets=Path(args.targets),
         out=Path(args.out), variants=args.variants, heldout=tuple(parse_heldout(args.heldout)),
         heldout_variants=args.heldout_variants, seed=args.seed, workers=args.workers, previews=args.previews,
-        include_source=not args.no_source_case)
+        include_source=not args.no_source_case, render=render,
+        appearance=look if args.phase_weights else None, first_variant=args.first_variant)
     bars: Dict[str, Any] = {}
 
     def progress(stage: str, done: int, total: int) -> None:
@@ -162,6 +184,18 @@ def register_cli(subparsers: argparse._SubParsersAction) -> argparse.ArgumentPar
     g.add_argument("--heldout", default="", help="targets kept out of training, e.g. 41-50 or 0003,0007")
     g.add_argument("--heldout-variants", type=int, default=1, help="rendered cases per held-out target")
     g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--first-variant", type=int, default=0, metavar="K",
+                   help="number the variants K, K+1, ... (case names and seeds): a second set made with other "
+                        "weights can then be merged into the same data folder")
+    g.add_argument("--fov-weights", default=None, metavar="NAME=W,...",
+                   help="weights of the fields of view target, extended, slab, liver_cut "
+                        "(default target=0.3,extended=0.25,slab=0.3,liver_cut=0.15)")
+    g.add_argument("--slab-mm", default=None, metavar="LOW-HIGH", help="slab length range, mm (default 40-150)")
+    g.add_argument("--thickness-mm", default=None, metavar="LOW-HIGH",
+                   help="slice thickness range, mm (default 0.6-5; the slice spacing is the thickness, 1-5 mm)")
+    g.add_argument("--phase-weights", default=None, metavar="NAME=W,...",
+                   help="weights of the contrast phases non_contrast, arterial, portal_venous, delayed "
+                        "(default non_contrast=0.2,arterial=0.2,portal_venous=0.4,delayed=0.2)")
     g.add_argument("--workers", type=int, default=1, help="processes (one CPU thread each)")
     g.add_argument("--previews", type=int, default=6, help="PNG previews of the first N cases")
     g.add_argument("--no-source-case", action="store_true", help="do not add the unwarped source CT itself")

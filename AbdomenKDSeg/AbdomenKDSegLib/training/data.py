@@ -15,7 +15,9 @@ Cache (one folder per stage, written once and reused; no pickles)::
 Coarse stage: the whole canonical volume resized to ``coarse_size``. Fine stage: the organs' bounding
 box enlarged by the crop padding (from the ground truth for labeled cases, from the coarse student's
 prediction for unlabeled cases) on the full-resolution canonical volume, resized to ``fine_size``. Images are resized
-trilinearly (align_corners=True); labels as one-hot maps, trilinearly, then argmax (order 1).
+trilinearly (align_corners=True); labels as one-hot maps, trilinearly, then argmax (order 1). A scan, and a
+fine crop, shorter than the recipe's ``min_z_extent_mm`` is first padded to it by repeating its end slices
+(image and labels), as the predictor does; ``canonical_shape`` in the provenance is then the padded shape.
 """
 
 from __future__ import annotations
@@ -35,7 +37,7 @@ from ..atomic_files import atomic_path, atomic_write_text
 from ..engine.geometry import CanonicalGeometry, crop_box, to_canonical
 from ..engine.image_io import read_image, strip_image_suffix
 from ..engine.organs import NUM_CLASSES
-from ..engine.preprocess import resize_volume
+from ..engine.preprocess import pad_z_to_extent, resize_volume
 from ..errors import InputError
 from .recipe import Recipe
 
@@ -285,6 +287,16 @@ def _case_key(case: CaseFiles, stage: str, params: Dict, extra: Optional[Dict] =
     return key
 
 
+def _read_padded(case: CaseFiles, recipe: Recipe) -> Tuple[np.ndarray, Optional[np.ndarray], CanonicalGeometry]:
+    """:func:`read_case`, with a scan shorter than ``recipe.min_z_extent_mm`` padded by repeats of its
+    end slices (image and labels alike), as the predictor pads it (:func:`pad_z_to_extent`)."""
+    image, label, geom = read_case(case)
+    dz = geom.canonical_spacing_zyx[0]
+    image = pad_z_to_extent(image, dz, recipe.min_z_extent_mm)[0]
+    label = None if label is None else pad_z_to_extent(label, dz, recipe.min_z_extent_mm)[0]
+    return image, label, geom
+
+
 def _geometry_dict(geom: CanonicalGeometry) -> Dict:
     return json.loads(json.dumps(dataclasses.asdict(geom)))
 
@@ -294,13 +306,13 @@ def build_coarse_cache(cases: Sequence[CaseFiles], cache_dir: str | Path, recipe
     """Whole canonical volumes resized to ``recipe.coarse_size`` (labels order-1); reuses valid entries."""
     folder = Path(cache_dir) / "coarse"
     folder.mkdir(parents=True, exist_ok=True)
-    params = {"coarse_size": list(recipe.coarse_size)}
+    params = {"coarse_size": list(recipe.coarse_size), "min_z_extent_mm": recipe.min_z_extent_mm}
     out = []
     for i, case in enumerate(cases):
         key = _case_key(case, "coarse", params)
         entry = _cached(folder, case, key)
         if entry is None:
-            image, label, geom = read_case(case)
+            image, label, geom = _read_padded(case, recipe)
             small = resize_image(image, recipe.coarse_size)
             small_label = resize_labels(label, recipe.coarse_size) if label is not None else None
             meta = {"key": key, "case_id": case.case_id, "kind": case.kind,
@@ -331,7 +343,7 @@ def build_fine_cache(cases: Sequence[CaseFiles], cache_dir: str | Path, recipe: 
     folder.mkdir(parents=True, exist_ok=True)
     masks = masks or {}
     params = {"fine_size": list(recipe.fine_size), "padding": recipe.fine_padding,
-              "fallback_mm": list(recipe.fine_fallback_mm)}
+              "fallback_mm": list(recipe.fine_fallback_mm), "min_z_extent_mm": recipe.min_z_extent_mm}
     out = []
     for i, case in enumerate(cases):
         prior = None
@@ -344,7 +356,7 @@ def build_fine_cache(cases: Sequence[CaseFiles], cache_dir: str | Path, recipe: 
         key = _case_key(case, "fine", params, extra)
         entry = _cached(folder, case, key)
         if entry is None:
-            image, label, geom = read_case(case)
+            image, label, geom = _read_padded(case, recipe)
             source = label if label is not None else prior
             fg = source > 0
             if not fg.any():
@@ -352,8 +364,11 @@ def build_fine_cache(cases: Sequence[CaseFiles], cache_dir: str | Path, recipe: 
                               "using the centred fallback box", stacklevel=2)
             pre = recipe.preprocessing
             box = crop_box(fg, image.shape, geom.canonical_spacing_zyx, pre.crop_padding, pre.fallback_box_mm_zyx)
-            small = resize_image(image[box], recipe.fine_size)
-            small_label = resize_labels(label[box], recipe.fine_size) if label is not None else None
+            dz = geom.canonical_spacing_zyx[0]
+            crop = pad_z_to_extent(image[box], dz, recipe.min_z_extent_mm)[0]
+            small = resize_image(crop, recipe.fine_size)
+            small_label = (resize_labels(pad_z_to_extent(label[box], dz, recipe.min_z_extent_mm)[0], recipe.fine_size)
+                           if label is not None else None)
             meta = {"key": key, "case_id": case.case_id, "kind": case.kind,
                     "canonical_shape": list(image.shape),
                     "geometry": _geometry_dict(geom), "box": [[s.start, s.stop] for s in box],

@@ -12,6 +12,9 @@ target's esophagus (absent from the source labels) is painted in. Output, the fo
     <out>/transfers/<target>.npz        <out>/report.json            <out>/previews/<case>.png
 
 Deterministic given ``seed``: every case draws from its own generator seeded by (seed, target, variant).
+The draws' weights and ranges (fields of view, slab length, slice thickness, contrast phases) are options, so
+a second set can stress one kind of scan (e.g. thin non-contrast slabs) with variants numbered after the first
+set's (``first_variant``), ready to be merged into one data folder.
 Resumable: finished fits and cases are skipped on a re-run.
 """
 
@@ -34,6 +37,7 @@ Progress = Optional[Callable[[str, int, int], None]]
 
 if TYPE_CHECKING:
     from .anatomy_transfer import FitSettings
+    from .appearance import AppearanceRanges
 
 
 @dataclass(frozen=True)
@@ -63,6 +67,35 @@ def find_targets(folder: Path, heldout: Sequence[str]) -> List[TargetCase]:
         stem = case_stem(p)
         out.append(TargetCase(stem, p, any(stem == h or stem.endswith(h) for h in heldout)))
     return out
+
+
+def parse_weights(text: str, names: Sequence[str], what: str) -> Tuple[Tuple[str, float], ...]:
+    """``"slab=0.7,target=0.3"`` -> (name, weight) pairs over ``names`` (missing names get 0); weights
+    >= 0 with a positive sum. :class:`InputError` names a bad item."""
+    weights = dict.fromkeys(names, 0.0)
+    for item in filter(None, (part.strip() for part in text.split(","))):
+        name, sep, value = item.partition("=")
+        if not sep or name.strip() not in weights:
+            raise InputError(f"bad {what} weight {item!r}: use NAME=WEIGHT with NAME one of {', '.join(names)}")
+        try:
+            weights[name.strip()] = float(value)
+        except ValueError:
+            raise InputError(f"bad {what} weight {item!r}: {value!r} is not a number") from None
+    if any(w < 0 for w in weights.values()) or sum(weights.values()) <= 0:
+        raise InputError(f"{what} weights must be >= 0 with a positive sum, got {text!r}")
+    return tuple(weights.items())
+
+
+def parse_range(text: str, what: str) -> Tuple[float, float]:
+    """``"40-80"`` -> (40.0, 80.0), with 0 < low <= high."""
+    low, sep, high = text.partition("-")
+    try:
+        lo, hi = float(low), float(high)
+    except ValueError:
+        raise InputError(f"bad {what} {text!r}: use LOW-HIGH, e.g. 40-80") from None
+    if not sep or not 0 < lo <= hi:
+        raise InputError(f"bad {what} {text!r}: use LOW-HIGH with 0 < LOW <= HIGH")
+    return lo, hi
 
 
 def parse_heldout(spec: str) -> List[str]:
@@ -133,7 +166,7 @@ def fit_all(source_labels: Path, targets: Sequence[TargetCase], folder: Path, wo
 # ---------------------------------------------------------------------------- step 2: rendering
 @dataclass(frozen=True)
 class RenderRanges:
-    """Field-of-view and grid draws of one rendered case (mm; probabilities sum to 1)."""
+    """Field-of-view and grid draws of one rendered case (mm; (name, weight) pairs, normalised when drawn)."""
 
     fov_probabilities: Tuple[Tuple[str, float], ...] = (
         ("target", 0.3), ("extended", 0.25), ("slab", 0.3), ("liver_cut", 0.15))
@@ -217,7 +250,8 @@ def draw_render(rng: np.random.Generator, transfer, source, target, ranges: Rend
                 ) -> RenderDraw:
     """Draw the field of view (z range in target space) and the output grid of one case."""
     names = [n for n, _ in ranges.fov_probabilities]
-    fov = str(rng.choice(names, p=np.array([p for _, p in ranges.fov_probabilities])))
+    weights = np.array([p for _, p in ranges.fov_probabilities], dtype=np.float64)
+    fov = str(rng.choice(names, p=weights / weights.sum()))
     ext = target.extent()
     own = (float(ext[0, 0]), float(ext[0, 1]))
     wide = valid_z_range(transfer, source, target, own[0] - 250.0, own[1] + 250.0)
@@ -365,6 +399,8 @@ class GeneratorOptions:
     previews: int = 6
     include_source: bool = True
     render: RenderRanges = field(default_factory=RenderRanges)
+    appearance: Optional[AppearanceRanges] = None  # None: the defaults of appearance.AppearanceRanges
+    first_variant: int = 0  # variants are numbered first_variant, first_variant + 1, ... (names and seeds)
     fit: Optional[FitSettings] = None  # None: the defaults of anatomy_transfer.FitSettings
 
 
@@ -392,7 +428,7 @@ def _render_one(job: dict) -> dict:
     import torch
 
     from .anatomy_transfer import nearest_on_grid, read_grid_volume
-    from .appearance import draw_appearance
+    from .appearance import AppearanceRanges, draw_appearance
     from .transfer_store import load_transfer
 
     torch.set_num_threads(1)
@@ -402,7 +438,7 @@ def _render_one(job: dict) -> dict:
     target = read_grid_volume(job["target"], check=False)
     rng = np.random.default_rng(job["seed"])
     render = draw_render(rng, transfer, image, target, job["ranges"])
-    look = draw_appearance(rng, render.slice_thickness_mm)
+    look = draw_appearance(rng, render.slice_thickness_mm, job["appearance"] or AppearanceRanges())
     out_img, out_lab, spacing, origin = render_case(image, labels, medians, transfer, target, render, look,
                                                      job["seed"] & 0x7FFFFFFF)
     write_case(out_img, out_lab, spacing, origin, Path(job["image_out"]), Path(job["label_out"]))
@@ -441,13 +477,13 @@ def make_training_set(opts: GeneratorOptions, progress: Progress = None) -> Dict
     jobs = []
     for t in targets:
         n = opts.heldout_variants if t.heldout else opts.variants
-        for v in range(n):
+        for v in range(opts.first_variant, opts.first_variant + n):
             case = f"{t.name}_v{v}"
             split = "heldout" if t.heldout else "train"
             img_dir, lab_dir = (("heldout/imagesTs", "heldout/labelsTs") if t.heldout else ("imagesTr", "labelsTr"))
             job = {"case": case, "target_name": t.name, "target": str(t.path), "variant": v, "split": split,
                    "transfer": str(fits[t.name]), "source_image": str(opts.source_image),
-                   "source_labels": str(opts.source_labels), "ranges": opts.render,
+                   "source_labels": str(opts.source_labels), "ranges": opts.render, "appearance": opts.appearance,
                    "seed": case_seed(opts.seed, t.name, v),
                    "image_out": str(out / img_dir / f"{case}_0000.nii.gz"),
                    "label_out": str(out / lab_dir / f"{case}.nii.gz"),
@@ -490,7 +526,9 @@ def make_training_set(opts: GeneratorOptions, progress: Progress = None) -> Dict
         fit_report[t.name] = {"split": "heldout" if t.heldout else "train", "seconds": round(meta["seconds"], 1),
                               "dice_affine": meta["dice_affine"], "dice": meta["dice"]}
     report = {"seed": opts.seed, "source_image": str(opts.source_image), "source_labels": str(opts.source_labels),
-              "targets": str(opts.targets), "variants": opts.variants, "heldout": list(opts.heldout),
+              "targets": str(opts.targets), "variants": opts.variants, "first_variant": opts.first_variant,
+              "heldout": list(opts.heldout), "render_ranges": asdict(opts.render),
+              "appearance_ranges": asdict(opts.appearance) if opts.appearance is not None else "defaults",
               "fits": fit_report, "fit_dice_mean": _mean_dice(fit_report),
               "cases": sorted(entries, key=lambda e: e["case"])}
     atomic_write_text(out / "report.json", json.dumps(report, indent=1))

@@ -142,6 +142,9 @@ class Recipe:
     zscore_eps: float = 1e-5
     fine_padding: float = _PRE.crop_padding  # box scaled about its centre (reference 1.1 = 5% per side)
     fine_fallback_mm: Tuple[float, float, float] = _PRE.fallback_box_mm_zyx
+    # scans and organ crops shorter than this (mm, head to foot) are padded to it by repeating their end
+    # slices before resizing, in training as at inference; 0 = the reference (never reached on FLARE22)
+    min_z_extent_mm: float = _PRE.min_z_extent_mm
     # folds over labeled cases: -1 = all labeled cases (reference); else KFold(n_folds, shuffle, fold_seed)
     fold: int = -1
     n_folds: int = 5
@@ -167,7 +170,8 @@ class Recipe:
         and crop box; inference windows have the fine size."""
         return dataclasses.replace(_PRE, hu_window=self.hu_window, coarse_size_zyx=self.coarse_size,
                                    fine_size_zyx=self.fine_size, window_zyx=self.fine_size,
-                                   crop_padding=self.fine_padding, fallback_box_mm_zyx=self.fine_fallback_mm)
+                                   crop_padding=self.fine_padding, fallback_box_mm_zyx=self.fine_fallback_mm,
+                                   min_z_extent_mm=self.min_z_extent_mm)
 
     def stage_variant(self, stage: str) -> Variant:
         """The :class:`Variant` trained in ``stage`` ("coarse" or "fine")."""

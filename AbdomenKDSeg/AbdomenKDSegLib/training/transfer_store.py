@@ -24,11 +24,11 @@ STORE_VERSION = 1
 
 
 def fit_key(source_labels: Path, target_labels: Path, settings: FitSettings) -> str:
-    """Digest of what a fit depends on: both label files (name, size, mtime) and the settings."""
+    """Digest of what a fit depends on: both label files (name and SHA-256 of the bytes: a copied or
+    re-mounted data folder keeps its fits) and the settings."""
     parts = {"version": STORE_VERSION, "settings": dataclasses.asdict(settings)}
     for name, path in (("source", source_labels), ("target", target_labels)):
-        st = Path(path).stat()
-        parts[name] = [Path(path).name, st.st_size, st.st_mtime_ns]
+        parts[name] = [Path(path).name, hashlib.sha256(Path(path).read_bytes()).hexdigest()]
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=list).encode()).hexdigest()
 
 
