@@ -262,3 +262,29 @@ def test_fine_tuned_card_names_the_model_it_started_from(monkeypatch, tmp_path):
         in text["method"]["text"]
     assert f"(bundle {header['sha256'][:12]}, recipe {start['recipe']})" in text["method"]["text"]
     assert "1+18 epochs" in text["method"]["text"]
+
+
+def test_merged_generator_sets_are_named_in_the_data_card(monkeypatch):
+    """A run on two merged generated sets: the card lists every case and says how the second was weighted."""
+    tool = _card_tool(monkeypatch)
+    first = {"seed": 0, "variants": 2, "source_image": "data/ct-abdomen-3mm/image.nii.gz",
+             "fit_dice_mean": {"all": 0.95}, "fits": {"FLARE22_Tr_0001": {"split": "train"},
+                                                      "FLARE22_Tr_0002": {"split": "heldout"}},
+             "cases": [{"case": "FLARE22_Tr_0001_v0", "split": "train", "appearance": {"phase": "arterial"},
+                        "render": {"fov": "target"}}]}
+    second = {**first, "variants": 1, "first_variant": 2,
+              "render_ranges": {"fov_probabilities": [["target", 0.0], ["slab", 1.0]], "slab_mm": [40.0, 100.0],
+                                "slice_thickness_mm": [2.5, 5.0]},
+              "appearance_ranges": {"phase_probabilities": [["non_contrast", 0.6], ["arterial", 0.4]]},
+              "cases": [{"case": "FLARE22_Tr_0001_v2", "split": "train", "appearance": {"phase": "non_contrast"},
+                         "render": {"fov": "slab"}}]}
+    merged = tool.merge_reports([first, second])
+    assert [c["case"] for c in merged["cases"]] == ["FLARE22_Tr_0001_v0", "FLARE22_Tr_0001_v2"]
+    assert [s["training_cases"] for s in merged["sets"]] == [1, 1]
+    data = tool.data_card(merged, {"labeled_cases": ["FLARE22_Tr_0001_v0", "FLARE22_Tr_0001_v2"]}, False)
+    assert data["generator"]["phases"] == {"arterial": 1, "non_contrast": 1}
+    assert ("plus 1 renderings (variant 2, seed 0) weighted to fields of view slab 1, slabs 40-100 mm, "
+            "slices 2.5-5 mm, phases non_contrast 0.6/arterial 0.4") in data["description"]
+    assert tool.merge_reports([first]) is first
+    with pytest.raises(SystemExit, match="same anatomy transfers"):
+        tool.merge_reports([first, {**second, "fit_dice_mean": {"all": 0.5}}])

@@ -1,6 +1,6 @@
 """Finish a trained run into the shipped default model: measure it, write its model card, install it.
 
-    python benchmarks/default_model_card.py RUN_DIR --data GENERATED_DIR [--recipe NAME] [--install]
+    python benchmarks/default_model_card.py RUN_DIR --data GENERATED_DIR [MORE_DIRS] [--recipe NAME] [--install]
     python benchmarks/default_model_card.py --rewrite-card [BUNDLE] [--recipe NAME] [--report REPORT]
 
 Measures RUN_DIR/model.safetensors on real CT it never saw (the two validation cases of
@@ -10,7 +10,8 @@ not accuracy). The card's description, method and data text are derived (:func:`
 the run's recipe (Resources/recipes/NAME.yaml, checked to be the recipe recorded in the run's card:
 its ``variant`` field and its own settings), the generator's report (GENERATED_DIR/report.json) and
 the measured figures, not written by hand. With ``--install`` the bundle is written (float16
-storage) to AbdomenKDSeg/Resources/Models/abdomen-kdseg-default.safetensors. Prints a table and
+storage) to AbdomenKDSeg/Resources/Models/abdomen-kdseg-default.safetensors and the (merged)
+generator report to benchmarks/results/generated_training_set_report.json. Prints a table and
 writes benchmarks/results/default_model.json (``--out``) and, beside it, default_model_validation.json
 (every validation and held-out case, from validate_model.py). The figures are measured on the
 float16-stored weights that are shipped.
@@ -141,6 +142,44 @@ def _span(names: list) -> str:
     return f"{names[0]}..{names[-1]}" if len(names) > 1 else ", ".join(names)
 
 
+def merge_reports(reports: list[dict]) -> dict:
+    """One generator report from several sets rendered from the same fits (``make-training-set`` with
+    other weights and ``--first-variant``, merged into one data folder): the first set's report with
+    every set's cases and a ``sets`` list (seed, variants, first variant, ranges, training cases)."""
+    if len(reports) == 1:
+        return reports[0]
+    first = reports[0]
+    for other in reports[1:]:
+        if other["fit_dice_mean"] != first["fit_dice_mean"] or other["source_image"] != first["source_image"]:
+            raise SystemExit("the generated sets were not rendered from the same anatomy transfers")
+    merged = dict(first)
+    merged["cases"] = sorted((case for r in reports for case in r["cases"]), key=lambda c: c["case"])
+    merged["sets"] = [{"seed": r["seed"], "variants": r["variants"], "first_variant": r.get("first_variant", 0),
+                       "render_ranges": r.get("render_ranges", "defaults"),
+                       "appearance_ranges": r.get("appearance_ranges", "defaults"),
+                       "training_cases": sum(1 for c in r["cases"] if c["split"] == "train")} for r in reports]
+    return merged
+
+
+def _weights(pairs: list) -> str:
+    return "/".join(f"{name} {weight:g}" for name, weight in pairs if weight)
+
+
+def _set_text(entry: dict) -> str:
+    """How an extra generated set was weighted, from its recorded ranges."""
+    parts = []
+    render, look = entry["render_ranges"], entry["appearance_ranges"]
+    if isinstance(render, dict):
+        lo, hi = render["slab_mm"]
+        t_lo, t_hi = render["slice_thickness_mm"]
+        parts += [f"fields of view {_weights(render['fov_probabilities'])}", f"slabs {lo:g}-{hi:g} mm",
+                  f"slices {t_lo:g}-{t_hi:g} mm"]
+    if isinstance(look, dict):
+        parts.append(f"phases {_weights(look['phase_probabilities'])}")
+    return (f"plus {entry['training_cases']} renderings (variant {entry['first_variant']}, seed {entry['seed']}) "
+            f"weighted to {', '.join(parts) or 'the default draws'}")
+
+
 def data_card(report: dict, data: dict, uses_unlabeled: bool) -> dict:
     """What the model was trained on: the run's case lists (``data`` of its card) and the generator's
     ``report``. Unlabeled cases are listed only if the recipe used them."""
@@ -165,6 +204,8 @@ def data_card(report: dict, data: dict, uses_unlabeled: bool) -> dict:
             f"({source}{': ' + note if note else ''}) deformed onto {len(train_targets)} hand-drawn FLARE22 "
             f"label maps ({_span(train_targets)}), {report['variants']} renderings each with random contrast "
             "phase, texture, noise, blur, spacing and field of view")
+    for entry in report.get("sets", [])[1:]:
+        text += ", " + _set_text(entry)
     if source in real:
         text += ", plus that CT itself"
     others = [name for name in real if name != source]
@@ -182,6 +223,8 @@ def data_card(report: dict, data: dict, uses_unlabeled: bool) -> dict:
                       "fit_dice_mean": report["fit_dice_mean"], "phases": phases, "fields_of_view": fovs,
                       "heldout_targets": heldout},
     })
+    if report.get("sets"):
+        out["generator"]["sets"] = report["sets"]
     if unlabeled:
         out["unlabeled_cases"] = unlabeled
     return out
@@ -253,7 +296,10 @@ def rewrite_card(bundle_path: Path, recipe_name: str, report_path: Path, out_jso
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("run", type=Path, nargs="?", help="the training run folder (RUN_DIR/model.safetensors)")
-    parser.add_argument("--data", type=Path, help="the generated data folder the run used")
+    parser.add_argument("--data", type=Path, nargs="+",
+                        help="the generated data folder(s) the run used: several when sets rendered with other "
+                             "weights (make-training-set --first-variant) were merged; each one's heldout/ is "
+                             "measured, the first's is the card's held-out split")
     parser.add_argument("--install", action="store_true")
     parser.add_argument("--recipe", default="cpu_synthetic",
                         help="name of the recipe the run used (Resources/recipes/NAME.yaml; checked against the card)")
@@ -284,7 +330,9 @@ def main() -> int:
         seconds = time.perf_counter() - started
         scores = score_images(sitk.ReadImage(str(DATA / "labels-flare13.nii.gz")),
                               sitk.ReadImage(str(result.output_path)))
-        validation = validate(shipped, args.data / "heldout")
+        validation = validate(shipped, args.data[0] / "heldout")
+        extra_heldout = {folder.name: validate(shipped, folder / "heldout").get("heldout_synthetic_mean")
+                         for folder in args.data[1:]}
     per_organ = {s.organ.key: {"dsc": round(float(s.dsc), 4), "nsd": round(float(s.nsd), 4)} for s in scores}
     present = [s for s in scores if s.organ.value != 10]  # esophagus is absent from the reference labels
     mean_dsc = sum(float(s.dsc) for s in present) / len(present)
@@ -300,14 +348,18 @@ def main() -> int:
                                                    "empty_organs")}
                        for case, res in validation["validation"].items()},
         "heldout_synthetic_mean_dsc": validation.get("heldout_synthetic_mean"),
+        **({"heldout_synthetic_other_sets_mean_dsc": extra_heldout} if extra_heldout else {}),
         "training_case": {"case": "ct-abdomen-3mm (a training case: measures fitting only)",
                           "per_organ": per_organ, "mean_dsc_12_present_organs": round(mean_dsc, 4)},
     }
-    card.update(card_text(card, args.recipe, recipe, json.loads((args.data / "report.json").read_text())))
+    generator_report = merge_reports([json.loads((folder / "report.json").read_text()) for folder in args.data])
+    card.update(card_text(card, args.recipe, recipe, generator_report))
     report = {"bundle": str(args.run / "model.safetensors"), "segment_seconds_cpu": round(seconds, 2),
               "timings": {k: round(v, 2) for k, v in result.timings.items()}, **card["metrics"],
               "training": card["training"], **_text_fields(card)}
     print_report(validation)
+    for name, means in extra_heldout.items():
+        print(f"\nheld-out split of {name}: mean DSC {means['mean']:.3f}" if means else f"\n{name}: no held-out cases")
     print(f"\n{'organ':<22}{'DSC':>8}{'NSD':>8}   (training case: fitting, not generalisation)")
     for key, value in per_organ.items():
         print(f"{key:<22}{value['dsc']:>8.3f}{value['nsd']:>8.3f}")
@@ -321,6 +373,7 @@ def main() -> int:
         target = save_bundle(default_bundle_path(), run_bundle.coarse, run_bundle.fine, *configs, card,
                              dtype=torch.float16)
         embed_graphs(target)  # the ONNX graphs: CPU segmentation without PyTorch
+        GENERATOR_REPORT.write_text(json.dumps(generator_report, indent=1))  # what --rewrite-card re-reads
         print(f"installed {target} (with its ONNX graphs)")
     return 0
 
