@@ -158,8 +158,10 @@ def test_model_info_prints_a_short_summary_of_the_shipped_model(capsys):
     assert str(default_bundle_path()) in out
     assert "format 2" in text and "checksum verified (weights and model card)" in text
     assert "recipe cpu_synthetic" in text and "FSL" in text and "no unlabeled data" in text
-    assert "81 labeled CT, no unlabeled CT" in text and "FLARE22_Tr_0041..0050" in text  # held out
-    assert "0.88 ct-abdomen-contrast-ircadb01" in text and "0.48 ct-abdomen-slab-amos0001" in text
+    assert "121 labeled CT, no unlabeled CT" in text and "FLARE22_Tr_0041..0050" in text  # held out
+    assert "2 renderings each (+40 weighted), plus that CT" in text  # the two merged generated sets
+    assert "0.90 ct-abdomen-contrast-ircadb01" in text and "0.52 ct-abdomen-slab-amos0001" in text
+    assert "Z padded to 100 mm" in text  # min_z_extent_mm
     assert "[-300, 300] HU" in text and "float16" in text and "13: liver" in text
     assert "not for clinical use" in text and "--json" in lines[-1]
 
@@ -205,15 +207,16 @@ def _card_tool(monkeypatch):
 def test_shipped_card_states_the_fsl_recipe_and_no_unlabeled_data():
     _, card = read_bundle_metadata(default_bundle_path())
     assert "paper's method" not in json.dumps(card)
-    assert card["method"]["recipe"] == "cpu_synthetic_continue"
+    assert card["method"]["recipe"] == "cpu_synthetic_slab"
     assert card["method"]["variant"] == card["recipe"]["variant"] == "fsl"
     assert card["method"]["teachers"] == 0 and card["method"]["unlabeled_data"] is False
     assert "FSL" in card["description"] and "no unlabeled data" in card["description"]
     data = card["data"]
     assert data["unlabeled"] == 0 and "unlabeled_cases" not in data
-    assert data["labeled"] == len(data["labeled_cases"]) == 81
+    assert data["labeled"] == len(data["labeled_cases"]) == 121
     assert data["generator"]["heldout_targets"] == [f"FLARE22_Tr_{i:04d}" for i in range(41, 51)]
-    assert not set(data["labeled_cases"]) & {f"{t}_v{v}" for t in data["generator"]["heldout_targets"] for v in (0, 1)}
+    assert not set(data["labeled_cases"]) & {f"{t}_v{v}" for t in data["generator"]["heldout_targets"]
+                                                  for v in (0, 1, 2)}
 
 
 def test_shipped_card_text_is_derived_from_the_recipe(monkeypatch):

@@ -200,6 +200,9 @@ def _data(card: dict[str, Any]) -> str:
                 + f": generated from ONE real CT ({generator['source']}) deformed onto "
                 f"{len(generator['train_targets'])} FLARE22 label maps ({_span(generator['train_targets'])}), "
                 f"{generator.get('variants_per_label_map', '?')} renderings each")
+        extra = [entry for entry in (generator.get("sets") or [])[1:] if isinstance(entry, dict)]
+        if extra:
+            text += f" (+{sum(int(e.get('training_cases', 0)) for e in extra)} weighted)"
         if generator["source"] in (data.get("labeled_cases") or []):
             text += ", plus that CT"
         if generator.get("heldout_targets"):
@@ -236,6 +239,8 @@ def _input(card: dict[str, Any]) -> str:
         sizes.append(f"fine crop {_size(pre['fine_size_zyx'])} (box x{pre.get('crop_padding', '?')})")
     if pre.get("window_zyx"):
         sizes.append(f"windows {_size(pre['window_zyx'])} overlap {pre.get('window_overlap', '?')}")
+    if pre.get("min_z_extent_mm"):
+        sizes.append(f"Z padded to {pre['min_z_extent_mm']:g} mm")
     return "; ".join(parts + [", ".join(sizes)] if sizes else parts)
 
 
