@@ -347,10 +347,10 @@ class Predictor:
             out = np.ascontiguousarray(out[scan])
             if info.coarse_labels is not None:
                 info.coarse_labels = np.ascontiguousarray(info.coarse_labels[scan])
-            if info.crop_box is not None:
-                z = info.crop_box[0]
-                info.crop_box = (slice(max(z.start - scan.start, 0), min(z.stop - scan.start, canonical.shape[0])),
-                                 *info.crop_box[1:])
+            if info.crop_box is not None:  # on the scan's own slices (never empty)
+                z, n = info.crop_box[0], canonical.shape[0]
+                start = min(max(z.start - scan.start, 0), n - 1)
+                info.crop_box = (slice(start, max(start + 1, min(z.stop - scan.start, n))), *info.crop_box[1:])
         partial = field_of_view_warning(out, spacing_zyx)
         if partial is not None:
             warnings.warn(partial, PartialFieldOfViewWarning, stacklevel=2)
