@@ -3,7 +3,9 @@
 Works on a (Z, Y, X) float HU tensor with its label map on the same grid (the output of anatomy
 transfer). Each organ's intensity is moved from the source's measured median to a mean drawn from the
 phase table below, with the organ's own texture kept (an additive offset, blended over ~1 voxel at the
-organ border); the kidneys get a cortex/medulla split in the arterial and portal phases.
+organ border); the kidneys get a cortex/medulla split in the arterial and portal phases. Optional
+context draws (off by default): the stomach and duodenum re-filled with fluid or oral contrast, with an
+air-fluid level, and a fat layer around the organs (the source patient is lean).
 
 HU ranges per phase (means of the organ parenchyma / vessel lumen), from published CT attenuation
 values: non-contrast liver 50-65, spleen 40-52, kidney 28-38; late arterial (~35 s) aorta 220-400,
@@ -19,7 +21,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Dict, Optional, Sequence, Tuple
+from typing import Any, Dict, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -54,6 +56,20 @@ SOFT_TISSUE_SHIFT: Dict[str, Range] = {"non_contrast": (-5, 5), "arterial": (5, 
                                        "portal_venous": (10, 35), "delayed": (5, 20)}
 KIDNEYS = (2, 13)
 
+# Contents of the stomach and duodenum (the source CT's are nearly collapsed, 6 % gas; real scans show
+# them distended with water, food or oral contrast, often with an air-fluid level at the anterior wall
+# of a supine patient). Water/chyme 0-35 HU, positive oral contrast (dilute barium/iodine) 150-500 HU.
+HOLLOW_ORGANS = (11, 12)
+LUMEN_FLUID_HU: Range = (0.0, 35.0)
+ORAL_CONTRAST_HU: Range = (150.0, 500.0)
+ORAL_CONTRAST_SHARE = 0.25  # of the re-filled images
+AIR_FLUID_LEVEL_SHARE = 0.6  # of the re-filled images
+GAS_FRACTION: Range = (0.05, 0.5)  # anterior share of the lumen's antero-posterior depth
+HOLLOW_WALL_MM: Range = (2.0, 4.0)  # the wall keeps the organ's own appearance
+# Visceral and retroperitoneal fat (-120..-70 HU) separating organs from their neighbours: the source
+# patient is lean, organs there touch muscle and bowel; many patients have a fat layer instead.
+FAT_HU: Range = (-120.0, -70.0)
+
 
 @dataclass(frozen=True)
 class AppearanceRanges:
@@ -68,6 +84,12 @@ class AppearanceRanges:
     kidney_cortex_mm: float = 5.0
     #: (phase, weight) pairs, normalised when drawn; default :data:`PHASE_PROBABILITIES`
     phase_probabilities: Tuple[Tuple[str, float], ...] = tuple(PHASE_PROBABILITIES.items())
+    #: chance that the stomach and duodenum are re-filled (:func:`fill_hollow_organs`); 0 = the source's
+    #: own contents, warped (the behaviour of the sets made before the option existed)
+    hollow_fill_probability: float = 0.0
+    #: chance of a fat layer around the organs (:func:`fat_halo`), and its thickness range (mm)
+    fat_halo_probability: float = 0.0
+    fat_halo_mm: Range = (2.0, 8.0)
 
 
 @dataclass
@@ -85,6 +107,11 @@ class AppearanceDraw:
     blur_mm: float
     slice_thickness_mm: float
     clip: bool
+    #: stomach/duodenum contents: None (the source's), or {"content": "fluid"|"oral_contrast", "hu": ..,
+    #: "gas_fraction": .. (anterior share of the lumen's depth that is gas), "wall_mm": ..}
+    hollow_fill: Optional[Dict[str, Any]] = None
+    fat_halo_mm: Optional[float] = None  # thickness of the fat layer around the organs; None: none
+    fat_hu: Optional[float] = None
 
 
 def draw_appearance(rng: np.random.Generator, slice_thickness_mm: float,
@@ -106,7 +133,28 @@ def draw_appearance(rng: np.random.Generator, slice_thickness_mm: float,
         blur_mm=float(rng.uniform(*ranges.blur_mm)),
         slice_thickness_mm=float(slice_thickness_mm),
         clip=bool(rng.uniform() < ranges.clip_probability),
+        **_draw_context(rng, ranges),
     )
+
+
+def _draw_context(rng: np.random.Generator, ranges: AppearanceRanges) -> Dict[str, Any]:
+    """The hollow-organ and fat-layer draws; none is drawn when both chances are 0, so the draws of sets
+    made before these options existed stay the same."""
+    out: Dict[str, Any] = {}
+    if ranges.hollow_fill_probability <= 0 and ranges.fat_halo_probability <= 0:
+        return out
+    if rng.uniform() < ranges.hollow_fill_probability:
+        oral = rng.uniform() < ORAL_CONTRAST_SHARE
+        out["hollow_fill"] = {
+            "content": "oral_contrast" if oral else "fluid",
+            "hu": float(rng.uniform(*(ORAL_CONTRAST_HU if oral else LUMEN_FLUID_HU))),
+            "gas_fraction": float(rng.uniform(*GAS_FRACTION)) if rng.uniform() < AIR_FLUID_LEVEL_SHARE else 0.0,
+            "wall_mm": float(rng.uniform(*HOLLOW_WALL_MM)),
+        }
+    if rng.uniform() < ranges.fat_halo_probability:
+        out["fat_halo_mm"] = float(rng.uniform(*ranges.fat_halo_mm))
+        out["fat_hu"] = float(rng.uniform(*FAT_HU))
+    return out
 
 
 def source_organ_medians(image: np.ndarray, labels: np.ndarray, organs: Sequence[int]) -> Dict[int, float]:
@@ -176,6 +224,10 @@ def apply_appearance(image: torch.Tensor, labels: torch.Tensor, spacing: Sequenc
     for value, std in draw.texture_hu.items():
         tex_std[lab == value] = std
     out = out + texture * _smooth(tex_std, [0.6] * 3) * not_gas
+    if draw.fat_halo_mm is not None and draw.fat_hu is not None:
+        out = fat_halo(out, lab, spacing, draw.fat_halo_mm, draw.fat_hu, texture)
+    if draw.hollow_fill is not None:
+        out = fill_hollow_organs(out, lab, spacing, draw.hollow_fill, gen)
     # acquisition: in-plane blur, thicker slices than the source, noise, clipping
     z_sigma_mm = math.sqrt(max(draw.slice_thickness_mm ** 2 - source_thickness_mm ** 2, 0.0)) / 2.355
     out = _smooth(out, [z_sigma_mm / spacing[0], draw.blur_mm / spacing[1], draw.blur_mm / spacing[2]])
@@ -183,3 +235,54 @@ def apply_appearance(image: torch.Tensor, labels: torch.Tensor, spacing: Sequenc
         out = out + draw.noise_hu * correlated_noise(image.shape, [draw.noise_corr_vox] * 3, gen)
     lo, hi = (-1024.0, 1023.0) if draw.clip else (-1024.0, 3071.0)
     return out.clamp(lo, hi)
+
+
+def _dilate(mask: torch.Tensor, spacing: Sequence[float], mm: float) -> torch.Tensor:
+    """Binary dilation of a (Z, Y, X) bool mask by a box of half-width ``mm`` (per axis in voxels)."""
+    radius = [max(1, int(round(mm / s))) for s in spacing]
+    return F.max_pool3d(mask.float()[None, None], [2 * r + 1 for r in radius], stride=1, padding=radius)[0, 0] > 0.5
+
+
+def _erode(mask: torch.Tensor, spacing: Sequence[float], mm: float) -> torch.Tensor:
+    """Binary erosion of a (Z, Y, X) bool mask by a box of half-width ``mm``."""
+    return ~_dilate(~mask, spacing, mm)
+
+
+def fat_halo(image: torch.Tensor, labels: torch.Tensor, spacing: Sequence[float], thickness_mm: float,
+             fat_hu: float, texture: torch.Tensor) -> torch.Tensor:
+    """Unlabeled soft tissue (-30..150 HU) within ``thickness_mm`` of any organ becomes fat of mean
+    ``fat_hu`` (with the image's texture field at 8 HU), blended over ~1 voxel into the soft tissue
+beyond (gas, bone and the organs themselves are never changed). Labels are unchanged:
+    the organs keep their shape, their neighbourhood changes. (Z, Y, X) float HU in and out."""
+    organs = labels > 0
+    soft = (image > -30) & (image < 150)
+    shell = _dilate(organs, spacing, thickness_mm) & ~organs & soft
+    weight = _smooth(shell.float(), [0.6] * 3) * (soft & ~organs).float()
+    return image * (1 - weight) + (fat_hu + 8.0 * texture) * weight
+
+
+def fill_hollow_organs(image: torch.Tensor, labels: torch.Tensor, spacing: Sequence[float], fill: Dict[str, Any],
+                       gen: torch.Generator) -> torch.Tensor:
+    """Re-fill the lumen of the stomach and duodenum (:data:`HOLLOW_ORGANS`; the organ eroded by
+    ``fill["wall_mm"]``) with ``fill["hu"]`` (+ 6 HU noise); with ``gas_fraction`` > 0 the anterior
+    part of each lumen (low Y: the canonical frame's Y runs anterior -> posterior; a supine patient's
+    gas rises to the anterior wall) is gas, -1000 HU, in front of one horizontal (coronal) level per organ.
+    Labels are unchanged (contents belong to the organ). (Z, Y, X) float HU in and out."""
+    out = image.clone()
+    for value in HOLLOW_ORGANS:
+        organ = labels == value
+        if int(organ.sum()) == 0:
+            continue
+        lumen = _erode(organ, spacing, fill["wall_mm"])
+        if int(lumen.sum()) == 0:
+            continue
+        noise = 6.0 * torch.randn(int(lumen.sum()), generator=gen)
+        out[lumen] = fill["hu"] + noise
+        if fill["gas_fraction"] > 0:
+            ys = torch.nonzero(lumen)[:, 1]
+            lo, hi = int(ys.min()), int(ys.max())
+            level = lo + fill["gas_fraction"] * (hi - lo + 1)
+            rows = torch.arange(image.shape[1], dtype=torch.float32)[None, :, None]
+            gas = lumen & (rows < level)
+            out[gas] = -1000.0 + 15.0 * torch.randn(int(gas.sum()), generator=gen)
+    return out

@@ -137,12 +137,21 @@ def cmd_make_training_set(args: argparse.Namespace) -> int:
     if args.phase_weights:
         look = dataclasses.replace(look, phase_probabilities=parse_weights(
             args.phase_weights, [n for n, _ in look.phase_probabilities], "contrast-phase"))
+    if args.hollow_fill is not None or args.fat_halo is not None:
+        for name, value in (("--hollow-fill", args.hollow_fill), ("--fat-halo", args.fat_halo)):
+            if value is not None and not 0.0 <= value <= 1.0:
+                raise InputError(f"{name} is a probability in [0, 1], got {value}")
+        look = dataclasses.replace(look, hollow_fill_probability=args.hollow_fill or 0.0,
+                                   fat_halo_probability=args.fat_halo or 0.0)
+    if args.fat_halo_mm:
+        look = dataclasses.replace(look, fat_halo_mm=parse_range(args.fat_halo_mm, "--fat-halo-mm"))
+    custom_look = look != AppearanceRanges()
     opts = GeneratorOptions(
         source_image=Path(args.source_image), source_labels=Path(args.source_labels), targets=Path(args.targets),
         out=Path(args.out), variants=args.variants, heldout=tuple(parse_heldout(args.heldout)),
         heldout_variants=args.heldout_variants, seed=args.seed, workers=args.workers, previews=args.previews,
         include_source=not args.no_source_case, render=render,
-        appearance=look if args.phase_weights else None, first_variant=args.first_variant)
+        appearance=look if custom_look else None, first_variant=args.first_variant)
     bars: Dict[str, Any] = {}
 
     def progress(stage: str, done: int, total: int) -> None:
@@ -196,6 +205,15 @@ def register_cli(subparsers: argparse._SubParsersAction) -> argparse.ArgumentPar
     g.add_argument("--phase-weights", default=None, metavar="NAME=W,...",
                    help="weights of the contrast phases non_contrast, arterial, portal_venous, delayed "
                         "(default non_contrast=0.2,arterial=0.2,portal_venous=0.4,delayed=0.2)")
+    g.add_argument("--hollow-fill", type=float, default=None, metavar="P",
+                   help="chance that an image's stomach and duodenum are re-filled with fluid (0-35 HU) or oral "
+                        "contrast (150-500 HU), often with an anterior air-fluid level (default 0: the source's "
+                        "own, nearly collapsed contents)")
+    g.add_argument("--fat-halo", type=float, default=None, metavar="P",
+                   help="chance of a fat layer (-120..-70 HU) around the organs, replacing the soft tissue "
+                        "next to them (default 0)")
+    g.add_argument("--fat-halo-mm", default=None, metavar="LOW-HIGH",
+                   help="thickness range of that fat layer, mm (default 2-8)")
     g.add_argument("--workers", type=int, default=1, help="processes (one CPU thread each)")
     g.add_argument("--previews", type=int, default=6, help="PNG previews of the first N cases")
     g.add_argument("--no-source-case", action="store_true", help="do not add the unwarped source CT itself")
