@@ -288,6 +288,17 @@ def test_merged_generator_sets_are_named_in_the_data_card(monkeypatch):
     assert data["generator"]["phases"] == {"arterial": 1, "non_contrast": 1}
     assert ("plus 1 renderings (variant 2, seed 0) weighted to fields of view slab 1, slabs 40-100 mm, "
             "slices 2.5-5 mm, phases non_contrast 0.6/arterial 0.4") in data["description"]
+    third = {**second, "first_variant": 3, "appearance_ranges": {
+        "phase_probabilities": [["non_contrast", 1.0]], "hollow_fill_probability": 0.7,
+        "fat_halo_probability": 0.5, "fat_halo_mm": [2.0, 8.0]},
+        "cases": [{"case": "FLARE22_Tr_0001_v3", "split": "train", "appearance": {"phase": "non_contrast"},
+                   "render": {"fov": "slab"}}]}
+    data = tool.data_card(tool.merge_reports([first, second, third]), {"labeled_cases": ["FLARE22_Tr_0001_v3"]},
+                          False)
+    assert ("(variant 3, seed 0) weighted to fields of view slab 1, slabs 40-100 mm, slices 2.5-5 mm, phases "
+            "non_contrast 1, stomach/duodenum re-filled (fluid or oral contrast, air-fluid level) 0.7, "
+            "fat layer 2-8 mm around organs 0.5") in data["description"]
+    assert "phases non_contrast 0.6/arterial 0.4, plus 1 renderings (variant 3" in data["description"]
     assert tool.merge_reports([first]) is first
     with pytest.raises(SystemExit, match="same anatomy transfers"):
         tool.merge_reports([first, {**second, "fit_dice_mean": {"all": 0.5}}])

@@ -176,6 +176,12 @@ def _set_text(entry: dict) -> str:
                   f"slices {t_lo:g}-{t_hi:g} mm"]
     if isinstance(look, dict):
         parts.append(f"phases {_weights(look['phase_probabilities'])}")
+        if look.get("hollow_fill_probability"):
+            parts.append(f"stomach/duodenum re-filled (fluid or oral contrast, air-fluid level) "
+                         f"{look['hollow_fill_probability']:g}")
+        if look.get("fat_halo_probability"):
+            lo, hi = look.get("fat_halo_mm", (2.0, 8.0))
+            parts.append(f"fat layer {lo:g}-{hi:g} mm around organs {look['fat_halo_probability']:g}")
     return (f"plus {entry['training_cases']} renderings (variant {entry['first_variant']}, seed {entry['seed']}) "
             f"weighted to {', '.join(parts) or 'the default draws'}")
 
