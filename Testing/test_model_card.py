@@ -153,14 +153,15 @@ def test_model_info_prints_a_short_summary_of_the_shipped_model(capsys):
     code, out, _ = _model_info(capsys)
     assert code == 0
     lines = out.strip().splitlines()
-    assert 8 <= len(lines) <= 16 and max(map(len, lines)) <= 120
+    assert 8 <= len(lines) <= 18 and max(map(len, lines)) <= 120
     text = " ".join(out.split())
     assert str(default_bundle_path()) in out
     assert "format 2" in text and "checksum verified (weights and model card)" in text
     assert "recipe cpu_synthetic" in text and "FSL" in text and "no unlabeled data" in text
-    assert "121 labeled CT, no unlabeled CT" in text and "FLARE22_Tr_0041..0050" in text  # held out
-    assert "2 renderings each (+40 weighted), plus that CT" in text  # the two merged generated sets
-    assert "0.90 ct-abdomen-contrast-ircadb01" in text and "0.52 ct-abdomen-slab-amos0001" in text
+    assert "161 labeled CT, no unlabeled CT" in text and "FLARE22_Tr_0041..0050" in text  # held out
+    assert "2 renderings each (+80 weighted), plus that CT" in text  # the three merged generated sets
+    assert "shipped: 0.5/0.5 weight average of this run and that model" in text  # weight average
+    assert "0.90 ct-abdomen-contrast-ircadb01" in text and "0.54 ct-abdomen-slab-amos0001" in text
     assert "Z padded to 100 mm" in text  # min_z_extent_mm
     assert "[-300, 300] HU" in text and "float16" in text and "13: liver" in text
     assert "not for clinical use" in text and "--json" in lines[-1]
@@ -207,16 +208,16 @@ def _card_tool(monkeypatch):
 def test_shipped_card_states_the_fsl_recipe_and_no_unlabeled_data():
     _, card = read_bundle_metadata(default_bundle_path())
     assert "paper's method" not in json.dumps(card)
-    assert card["method"]["recipe"] == "cpu_synthetic_slab"
+    assert card["method"]["recipe"] == "cpu_synthetic_context"
     assert card["method"]["variant"] == card["recipe"]["variant"] == "fsl"
     assert card["method"]["teachers"] == 0 and card["method"]["unlabeled_data"] is False
     assert "FSL" in card["description"] and "no unlabeled data" in card["description"]
     data = card["data"]
     assert data["unlabeled"] == 0 and "unlabeled_cases" not in data
-    assert data["labeled"] == len(data["labeled_cases"]) == 121
+    assert data["labeled"] == len(data["labeled_cases"]) == 161
     assert data["generator"]["heldout_targets"] == [f"FLARE22_Tr_{i:04d}" for i in range(41, 51)]
     assert not set(data["labeled_cases"]) & {f"{t}_v{v}" for t in data["generator"]["heldout_targets"]
-                                                  for v in (0, 1, 2)}
+                                                  for v in (0, 1, 2, 3)}
 
 
 def test_shipped_card_text_is_derived_from_the_recipe(monkeypatch):
@@ -302,3 +303,13 @@ def test_merged_generator_sets_are_named_in_the_data_card(monkeypatch):
     assert tool.merge_reports([first]) is first
     with pytest.raises(SystemExit, match="same anatomy transfers"):
         tool.merge_reports([first, {**second, "fit_dice_mean": {"all": 0.5}}])
+
+
+def test_heldout_means_skip_organs_the_flare_rules_cannot_score(monkeypatch):
+    """A tubular organ on one slice of a slab scores NaN (FLARE rules): the means skip it, not become NaN."""
+    monkeypatch.syspath_prepend(str(REPO / "benchmarks"))
+    import validate_model
+
+    cases = [{"per_organ": {"liver": {"dsc": 0.8}, "esophagus": {"dsc": float("nan")}}, "mean_dsc": 0.8},
+             {"per_organ": {"liver": {"dsc": 0.6}, "esophagus": {"dsc": 0.5}}, "mean_dsc": 0.55}]
+    assert validate_model._mean_per_organ(cases) == {"liver": 0.7, "esophagus": 0.5, "mean": 0.675}

@@ -50,14 +50,16 @@ def test_yaml_overrides_and_unknown_keys(tmp_path):
 @pytest.mark.parametrize("name", ["proposed", "fsl", "fsl_fine", "kd_single", "ssl_single_kd",
                                   "ssl_single_psv", "ssl_single_kd_psv", "cts", "ctt_psv", "ctt_kd",
                                   "ctt_sd", "cpu_small", "cpu_proposed", "cpu_default",
-                                  "cpu_synthetic", "cpu_synthetic_continue", "cpu_synthetic_slab"])
+                                  "cpu_synthetic", "cpu_synthetic_continue", "cpu_synthetic_slab",
+                                  "cpu_synthetic_context"])
 def test_shipped_recipes_load(name):
     r = load_recipe(RECIPES / f"{name}.yaml")
     expected_fine = {"fsl_fine": "fsl", "cpu_small": "proposed", "cpu_proposed": "proposed",
                      "cpu_default": "fsl", "cpu_synthetic": "fsl", "cpu_synthetic_continue": "fsl",
-                     "cpu_synthetic_slab": "fsl"}.get(name, name)
+                     "cpu_synthetic_slab": "fsl", "cpu_synthetic_context": "fsl"}.get(name, name)
     assert r.stage_variant("fine").name == expected_fine
-    cpu_fsl = ("cpu_default", "cpu_synthetic", "cpu_synthetic_continue", "cpu_synthetic_slab")
+    cpu_fsl = ("cpu_default", "cpu_synthetic", "cpu_synthetic_continue", "cpu_synthetic_slab",
+               "cpu_synthetic_context")
     coarse = "fsl" if name == "fsl" or name in cpu_fsl else "proposed"
     assert r.stage_variant("coarse").name == coarse
 

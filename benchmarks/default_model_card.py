@@ -1,6 +1,7 @@
 """Finish a trained run into the shipped default model: measure it, write its model card, install it.
 
-    python benchmarks/default_model_card.py RUN_DIR --data GENERATED_DIR [MORE_DIRS] [--recipe NAME] [--install]
+    python benchmarks/default_model_card.py RUN_DIR --data GENERATED_DIR [MORE_DIRS] [--recipe NAME]
+        [--average-with-start W] [--install]
     python benchmarks/default_model_card.py --rewrite-card [BUNDLE] [--recipe NAME] [--report REPORT]
 
 Measures RUN_DIR/model.safetensors on real CT it never saw (the two validation cases of
@@ -9,7 +10,9 @@ and its fit on the unwarped training CT (../shared/data/ct-abdomen-3mm, a *train
 not accuracy). The card's description, method and data text are derived (:func:`card_text`) from
 the run's recipe (Resources/recipes/NAME.yaml, checked to be the recipe recorded in the run's card:
 its ``variant`` field and its own settings), the generator's report (GENERATED_DIR/report.json) and
-the measured figures, not written by hand. With ``--install`` the bundle is written (float16
+the measured figures, not written by hand. ``--average-with-start W`` measures and ships the weight
+average W x run + (1 - W) x the bundle the run started from (its recipe's ``init_from``), and the card
+says so. With ``--install`` the bundle is written (float16
 storage) to AbdomenKDSeg/Resources/Models/abdomen-kdseg-default.safetensors and the (merged)
 generator report to benchmarks/results/generated_training_set_report.json. Prints a table and
 writes benchmarks/results/default_model.json (``--out``) and, beside it, default_model_validation.json
@@ -53,6 +56,7 @@ from AbdomenKDSegLib.errors import BundleError
 from AbdomenKDSegLib.evaluation.metrics import score_images
 from AbdomenKDSegLib.runtimes.bundle_graphs import embed_graphs
 from AbdomenKDSegLib.training.recipe import Recipe, Variant, load_recipe
+from AbdomenKDSegLib.training.weight_average import average_into
 
 REPO = Path(__file__).resolve().parents[1]
 DATA = REPO.parent / "shared" / "data" / "ct-abdomen-3mm"
@@ -258,6 +262,11 @@ def card_text(card: dict, recipe_name: str, recipe: Recipe, report: dict) -> dic
         # the starting model's own method text stays in its card; here only its bundle and recipe
         method["text"] += (f"; started from the weights of the previous default model (bundle {start['sha256'][:12]}, "
                            f"recipe {start['recipe']})")
+    averaged = card.get("training", {}).get("weight_average")
+    if averaged:
+        method["weight_average"] = averaged
+        method["text"] += (f"; shipped: {averaged['run_weight']:g}/{1 - averaged['run_weight']:g} "
+                           "weight average of this run and that model")
     data = data_card(report, card.get("data", {}), method["unlabeled_data"])
     on_cpu = "no GPU" in str(card.get("training", {}).get("hardware", ""))
     validation = (card.get("metrics") or {}).get("validation") or {}
@@ -307,6 +316,9 @@ def main() -> int:
                              "weights (make-training-set --first-variant) were merged; each one's heldout/ is "
                              "measured, the first's is the card's held-out split")
     parser.add_argument("--install", action="store_true")
+    parser.add_argument("--average-with-start", type=float, default=None, metavar="W",
+                        help="ship W x the run's weights + (1 - W) x the weights it started from (train "
+                             "--init-from), measured as such (training/weight_average.py)")
     parser.add_argument("--recipe", default="cpu_synthetic",
                         help="name of the recipe the run used (Resources/recipes/NAME.yaml; checked against the card)")
     parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" / "default_model.json")
@@ -324,6 +336,12 @@ def main() -> int:
     run_bundle = load_bundle(args.run / "model.safetensors")
     start = run_bundle.metadata.get("recipe", {}).get("init_from")
     start_card = initialised_from(Path(start)) if start else None  # before --install replaces that file
+    if args.average_with_start is not None:
+        if not start:
+            parser.error("--average-with-start needs a run that was started with train --init-from")
+        start_bundle = load_bundle(Path(start))
+        average_into(run_bundle.coarse, start_bundle.coarse, args.average_with_start)
+        average_into(run_bundle.fine, start_bundle.fine, args.average_with_start)
     arch = run_bundle.metadata["architecture"]
     configs = NetworkConfig.from_dict(arch["coarse"]), NetworkConfig.from_dict(arch["fine"])
     with tempfile.TemporaryDirectory() as tmp:
@@ -349,6 +367,9 @@ def main() -> int:
                                     f"{torch.get_num_threads()} CPU threads, no GPU"}
     if start_card is not None:
         card["training"]["initialised_from"] = start_card
+    if args.average_with_start is not None:
+        card["training"]["weight_average"] = {"run_weight": args.average_with_start,
+                                              "start_sha256": start_card["sha256"]}
     card["metrics"] = {
         "validation": {case: {k: res[k] for k in ("organs_scored", "per_organ", "mean_dsc", "mean_nsd",
                                                    "empty_organs")}

@@ -55,7 +55,7 @@ def score_case(predictor: Predictor, image_path: Path, label_path: Path,
     empty = [BY_VALUE[v].key for v in values if v not in pred_values]
     return {"image": str(image_path), "organs_scored": [BY_VALUE[v].key for v in values],
             "per_organ": per_organ,
-            "mean_dsc": round(float(np.mean([s.dsc for s in scores])), 4),
+            "mean_dsc": round(float(np.nanmean([s.dsc for s in scores])), 4),
             "mean_nsd": round(float(np.nanmean([s.nsd for s in scores])), 4),
             "empty_organs": empty, "seconds": round(seconds, 2), "backend": getattr(info, "backend", None)}
 
@@ -84,12 +84,15 @@ def validate(model: Path, heldout: Optional[Path] = None, threads: Optional[int]
 
 
 def _mean_per_organ(cases: List[Dict]) -> Dict[str, float]:
+    """Mean DSC per organ over the cases, and of the cases' means. The FLARE rules give NaN where an
+    organ cannot be scored (a tubular organ on a single slice of a slab): such entries are skipped."""
     per: Dict[str, List[float]] = {}
     for case in cases:
         for organ, s in case["per_organ"].items():
-            per.setdefault(organ, []).append(s["dsc"])
+            if not np.isnan(s["dsc"]):
+                per.setdefault(organ, []).append(s["dsc"])
     out = {organ: round(float(np.mean(v)), 4) for organ, v in per.items()}
-    out["mean"] = round(float(np.mean([c["mean_dsc"] for c in cases])), 4)
+    out["mean"] = round(float(np.nanmean([c["mean_dsc"] for c in cases])), 4)
     return out
 
 
