@@ -252,8 +252,8 @@ def fat_halo(image: torch.Tensor, labels: torch.Tensor, spacing: Sequence[float]
              fat_hu: float, texture: torch.Tensor) -> torch.Tensor:
     """Unlabeled soft tissue (-30..150 HU) within ``thickness_mm`` of any organ becomes fat of mean
     ``fat_hu`` (with the image's texture field at 8 HU), blended over ~1 voxel into the soft tissue
-beyond (gas, bone and the organs themselves are never changed). Labels are unchanged:
-    the organs keep their shape, their neighbourhood changes. (Z, Y, X) float HU in and out."""
+    beyond (gas, bone and the organs themselves are never changed). Labels are unchanged: the organs
+    keep their shape, their neighbourhood changes. (Z, Y, X) float HU in and out."""
     organs = labels > 0
     soft = (image > -30) & (image < 150)
     shell = _dilate(organs, spacing, thickness_mm) & ~organs & soft
