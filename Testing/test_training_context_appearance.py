@@ -112,3 +112,6 @@ def test_cli_rejects_a_context_probability_outside_0_1(tmp_path):
     with pytest.raises(InputError, match="--hollow-fill"):
         main(["--debug", "make-training-set", "--source-image", "a", "--source-labels", "b", "--targets", "c",
               "--out", str(tmp_path), "--hollow-fill", "1.5"])
+    with pytest.raises(InputError, match="--fat-halo P"):
+        main(["--debug", "make-training-set", "--source-image", "a", "--source-labels", "b", "--targets", "c",
+              "--out", str(tmp_path), "--fat-halo-mm", "2-6"])

@@ -144,6 +144,8 @@ def cmd_make_training_set(args: argparse.Namespace) -> int:
         look = dataclasses.replace(look, hollow_fill_probability=args.hollow_fill or 0.0,
                                    fat_halo_probability=args.fat_halo or 0.0)
     if args.fat_halo_mm:
+        if not args.fat_halo:
+            raise InputError("--fat-halo-mm sets the thickness of the fat layer: give its chance with --fat-halo P")
         look = dataclasses.replace(look, fat_halo_mm=parse_range(args.fat_halo_mm, "--fat-halo-mm"))
     custom_look = look != AppearanceRanges()
     opts = GeneratorOptions(
