@@ -208,13 +208,10 @@ def apply_appearance(image: torch.Tensor, labels: torch.Tensor, spacing: Sequenc
         if value in source_hu:
             offset[lab == value] = target_hu - source_hu[value]
     if draw.medulla_hu is not None:
-        radius = [max(1, int(round(ranges.kidney_cortex_mm / s))) for s in spacing]
         for value in KIDNEYS:
             if value not in source_hu:
                 continue
-            mask = (lab == value).float()[None, None]
-            inner = -F.max_pool3d(-mask, [2 * r + 1 for r in radius], stride=1, padding=radius)[0, 0] > 0.5
-            offset[inner] = draw.medulla_hu - source_hu[value]
+            offset[_erode(lab == value, spacing, ranges.kidney_cortex_mm)] = draw.medulla_hu - source_hu[value]
     background = (lab == 0) & (image > -30) & (image < 150)
     offset[background] = draw.soft_tissue_shift
     not_gas = (image > -200).float()  # gas inside the stomach / bowel does not enhance
