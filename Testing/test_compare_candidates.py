@@ -37,7 +37,7 @@ def test_guard_names_each_missed_target_and_empty_organ(tool):
     assert failures == ["IRCAD right_kidney 0.839 < 0.85", "ct-abdomen-slab-amos0001: gallbladder empty"]
 
 
-def test_ranking_uses_the_heldout_mean_and_the_first_passing_candidate_is_chosen(tool):
+def test_ranking_uses_the_heldout_mean_and_finds_the_first_passing_candidate(tool):
     results = {
         "a": {"heldout_mean": 0.79, "guard_failures": []},
         "b": {"heldout_mean": 0.82, "guard_failures": ["IRCAD spleen 0.8 < 0.85"]},

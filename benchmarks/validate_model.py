@@ -73,14 +73,19 @@ def validate(model: Path, heldout: Optional[Path] = None, threads: Optional[int]
         report["validation"][case] = score_case(predictor, folder / "image.nii.gz",
                                                 folder / "labels-flare13.nii.gz", organs)
     if heldout is not None:
-        cases = sorted((heldout / "imagesTs").glob("*_0000.nii.gz"))
-        for image in cases:
-            name = image.name[: -len("_0000.nii.gz")]
-            report["heldout_synthetic"][name] = score_case(predictor, image, heldout / "labelsTs" / f"{name}.nii.gz",
-                                                           None)
-        if cases:
+        report["heldout_synthetic"] = score_heldout(predictor, heldout)
+        if report["heldout_synthetic"]:
             report["heldout_synthetic_mean"] = _mean_per_organ(list(report["heldout_synthetic"].values()))
     return report
+
+
+def score_heldout(predictor: Predictor, heldout: Path) -> Dict[str, Dict]:
+    """Scores of every case of a generated held-out split (``heldout/imagesTs``, ``heldout/labelsTs``), by case name."""
+    scores = {}
+    for image in sorted((heldout / "imagesTs").glob("*_0000.nii.gz")):
+        name = image.name[: -len("_0000.nii.gz")]
+        scores[name] = score_case(predictor, image, heldout / "labelsTs" / f"{name}.nii.gz", None)
+    return scores
 
 
 def _mean_per_organ(cases: List[Dict]) -> Dict[str, float]:
